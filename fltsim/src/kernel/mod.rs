@@ -1,0 +1,28 @@
+//! The kernel model: simulated threads with their IRQL and APC state, pool, and bugchecks.
+
+pub mod bugcheck;
+pub mod pool;
+pub mod thread;
+
+/// IRQL values (wdm.h).
+pub mod irql {
+    /// `PASSIVE_LEVEL`.
+    pub const PASSIVE: u8 = 0;
+    /// `APC_LEVEL`.
+    pub const APC: u8 = 1;
+    /// `DISPATCH_LEVEL`.
+    pub const DISPATCH: u8 = 2;
+    /// `HIGH_LEVEL` on 64-bit Windows.
+    pub const HIGH: u8 = 15;
+
+    /// The IRQL's name as the docs write it.
+    #[must_use]
+    pub fn name(level: u8) -> String {
+        match level {
+            PASSIVE => "PASSIVE_LEVEL".to_owned(),
+            APC => "APC_LEVEL".to_owned(),
+            DISPATCH => "DISPATCH_LEVEL".to_owned(),
+            other => format!("IRQL {other}"),
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Simulated kernel threads: every host thread that calls into the model is a kernel thread with an IRQL,
+//! critical- and guarded-region counts and a top-level IRP.
+//!
+//! A host thread the model has not seen before is adopted as a system thread at PASSIVE_LEVEL, which is what a
+//! test's own thread and the loader's thread are. [`spawn_system`] starts a fresh system thread on a kernel-sized
+//! stack.
+
+use std::{cell::RefCell, io, thread};
+
+use super::irql;
+use crate::{guard::guarded, verifier};
+
+/// The state of one simulated kernel thread.
+#[derive(Clone, Debug)]
+pub struct ThreadSnapshot {
+    /// The thread's name, for reports.
+    pub name: String,
+    /// The current IRQL.
+    pub irql: u8,
+    /// Depth of `KeEnterCriticalRegion` nesting (normal kernel APCs off).
+    pub critical_regions: u32,
+    /// Depth of `KeEnterGuardedRegion` nesting (all kernel APCs off, at PASSIVE_LEVEL).
+    pub guarded_regions: u32,
+    /// `IoGetTopLevelIrp()`: 0 when NULL.
+    pub top_level_irp: usize,
+}
+
+impl ThreadSnapshot {
+    /// `KeAreAllApcsDisabled`: inside a guarded region or at APC_LEVEL or above.
+    /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-keareallapcsdisabled>.
+    #[must_use]
+    pub fn all_apcs_disabled(&self) -> bool {
+        self.guarded_regions > 0 || self.irql >= irql::APC
+    }
+
+    /// `KeAreApcsDisabled`: inside a critical or a guarded region.
+    /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/ntddk/nf-ntddk-keareapcsdisabled>.
+    #[must_use]
+    pub fn apcs_disabled(&self) -> bool {
+        self.critical_regions > 0 || self.guarded_regions > 0
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<ThreadSnapshot> = RefCell::new(ThreadSnapshot {
+        name: thread::current().name().unwrap_or("unnamed").to_owned(),
+        irql: irql::PASSIVE,
+        critical_regions: 0,
+        guarded_regions: 0,
+        top_level_irp: 0,
+    });
+}
+
+/// The current thread's state.
+#[must_use]
+pub fn snapshot() -> ThreadSnapshot {
+    CURRENT.with(|t| t.borrow().clone())
+}
+
+/// The current thread's IRQL.
+#[must_use]
+pub fn current_irql() -> u8 {
+    CURRENT.with(|t| t.borrow().irql)
+}
+
+/// Runs `f` with the current thread raised (or lowered) to `level`, restoring the previous IRQL afterwards, as
+/// `KeRaiseIrql`/`KeLowerIrql` would around it. For the model and for tests that put a driver in a given context.
+pub fn at_irql<T>(level: u8, f: impl FnOnce() -> T) -> T {
+    let previous = CURRENT.with(|t| std::mem::replace(&mut t.borrow_mut().irql, level));
+    let result = f();
+    CURRENT.with(|t| t.borrow_mut().irql = previous);
+    result
+}
+
+/// The stack size of a simulated kernel thread.
+///
+/// Windows kernel stacks are 24 KiB on x64 (12 KiB on x86). Unoptimised Rust needs far more stack than the
+/// optimised driver, so debug builds get more room; the check that driver code fits a kernel stack is meaningful
+/// in release builds.
+pub const KERNEL_STACK_SIZE: usize = if cfg!(debug_assertions) { 256 * 1024 } else { 24 * 1024 };
+
+/// Runs `f` on a new system thread (PASSIVE_LEVEL, no regions, no top-level IRP) with a kernel-sized stack and
+/// returns its result.
+///
+/// # Errors
+/// The host could not start the thread.
+pub fn run_on_system_thread<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    thread::scope(|scope| {
+        let handle =
+            thread::Builder::new().name(name.to_owned()).stack_size(KERNEL_STACK_SIZE).spawn_scoped(scope, f)?;
+        handle.join().map_err(|_| io::Error::other(format!("system thread {name} panicked")))
+    })
+}
+
+/// `KeGetCurrentIrql`: callable at any IRQL. Windows reads it inline (CR8 on x64, the KPCR through x18 on ARM64);
+/// on the host the driver calls this export instead.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-kegetcurrentirql>.
+#[unsafe(no_mangle)]
+pub extern "system" fn KeGetCurrentIrql() -> u8 {
+    guarded("KeGetCurrentIrql", irql::HIGH, current_irql)
+}
+
+/// Reports [`verifier::Rule::IrqlTooHigh`] when the current IRQL is above `max` for `api`; returns whether the
+/// call may proceed.
+pub(crate) fn require_irql_at_most(api: &'static str, max: u8, docs: &'static str) -> bool {
+    let current = current_irql();
+    if current <= max {
+        return true;
+    }
+    verifier::report(
+        verifier::Rule::IrqlTooHigh,
+        api,
+        format!("called at {} but allowed only at or below {} ({docs})", irql::name(current), irql::name(max)),
+    );
+    false
+}
