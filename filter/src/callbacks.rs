@@ -30,6 +30,7 @@ use crate::{
 /// `driver` must be this driver's driver object and `registry_path` its service key name, as the I/O manager
 /// passes them; both must stay valid for the call.
 #[cfg_attr(windows, unsafe(no_mangle))]
+#[must_use]
 #[cfg_attr(
     not(windows),
     expect(non_snake_case, reason = "the entry point's name is fixed by the kernel and the linker's /ENTRY")

@@ -11,6 +11,7 @@
 //! safe types; [`callbacks`] holds one `extern "system"` trampoline per Filter Manager callback; [`driver`] is the
 //! safe logic the trampolines call.
 #![cfg_attr(not(test), no_std)]
+#![forbid(clippy::undocumented_unsafe_blocks, clippy::multiple_unsafe_ops_per_block)]
 // Kernel code never panics: a panic is a bugcheck. These lints keep the ways to panic out of the code.
 #![deny(
     clippy::unwrap_used,

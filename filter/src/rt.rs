@@ -24,12 +24,13 @@ mod kernel {
     #[panic_handler]
     fn panic(info: &PanicInfo<'_>) -> ! {
         let (line, column) = info.location().map_or((0, 0), |l| (l.line(), l.column()));
-        // CAST: u32 fits in usize on every 64-bit target this driver is built for.
-        let (line, column) = (line as usize, column as usize);
+        let (line, column) = (usize::try_from(line).unwrap_or(0), usize::try_from(column).unwrap_or(0));
         // SAFETY: KeBugCheckEx takes plain values and never returns.
         unsafe { KeBugCheckEx(BUGCHECK_CODE, BUGCHECK_PANIC, line, column, 0) };
-        #[expect(clippy::empty_loop, reason = "KeBugCheckEx does not return; windows-sys does not declare it `-> !`")]
-        loop {}
+        // KeBugCheckEx does not return; windows-sys does not declare it `-> !`.
+        loop {
+            core::hint::spin_loop();
+        }
     }
 
     /// The Rust global allocator over nonpaged pool, tagged [`tags::HEAP`].

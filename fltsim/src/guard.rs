@@ -23,3 +23,21 @@ pub(crate) fn guarded<T>(api: &'static str, on_panic: T, body: impl FnOnce() -> 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_an_export_becomes_a_report_and_the_failure_value() {
+        let value = guarded("TestExport", -1, || -> i32 { panic!("model bug") });
+        assert_eq!(value, -1);
+        let reports = verifier::take_reports();
+        assert!(
+            reports
+                .iter()
+                .any(|r| r.rule == Rule::ModelFault && r.api == "TestExport" && r.detail.contains("model bug")),
+            "{reports:?}"
+        );
+    }
+}

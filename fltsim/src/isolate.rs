@@ -15,7 +15,7 @@ use std::{
 /// The environment variable that tells a re-executed test binary which test it runs as a child.
 pub const CHILD_ENV: &str = "FLTSIM_ISOLATED_TEST";
 
-/// The line a child prints first, with its process id, so a parent can tell children apart.
+/// What a child prints first, followed by its process id, so a parent can tell children apart.
 pub const PID_MARKER: &str = "fltsim-child-pid=";
 
 /// The test name libtest uses for a function at `module_path` (which starts with the crate name) called `name`.
@@ -41,7 +41,9 @@ pub fn is_child(test: &str) -> bool {
 pub fn run_child(test: &str) -> Output {
     let exe = env::current_exe().unwrap_or_else(|e| panic!("cannot find the test binary: {e}"));
     Command::new(exe)
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        // `--include-ignored` lets a parent run a scenario that is `#[ignore]`d on its own, such as a deliberately
+        // failing one that only exists to be run as a child.
+        .args([test, "--exact", "--nocapture", "--test-threads=1", "--include-ignored"])
         .env(CHILD_ENV, test)
         .output()
         .unwrap_or_else(|e| panic!("cannot start the test binary for {test}: {e}"))
@@ -52,7 +54,8 @@ pub fn run_child(test: &str) -> Output {
 pub fn child_pid(output: &Output) -> Option<u32> {
     String::from_utf8_lossy(&output.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix(PID_MARKER).and_then(|p| p.trim().parse().ok()))
+        // libtest may print the test's name on the same line before the child's own output.
+        .find_map(|l| l.split_once(PID_MARKER).and_then(|(_, p)| p.split_whitespace().next()?.parse().ok()))
 }
 
 /// Runs `body` in a child process dedicated to `test`: in the parent, starts the child and fails unless it ran

@@ -15,6 +15,8 @@
 //! (the service key a driver's INF installs), [`loader`] (DriverEntry and unload), [`verifier`] (rules and
 //! reports), [`exports`] (the table of every exported routine with its rule and docs page).
 
+#![forbid(clippy::undocumented_unsafe_blocks, clippy::multiple_unsafe_ops_per_block)]
+
 pub mod exports;
 pub mod fltmgr;
 pub mod inf;

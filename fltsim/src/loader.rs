@@ -88,7 +88,7 @@ pub struct LoadedDriver {
 static LOADED_ENTRIES: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
 
 fn unicode(buffer: &mut [u16]) -> UNICODE_STRING {
-    let bytes = u16::try_from(buffer.len().saturating_mul(2)).unwrap_or(u16::MAX & !1);
+    let bytes = u16::try_from(buffer.len().saturating_mul(2)).unwrap_or(0xFFFE);
     UNICODE_STRING { Length: bytes, MaximumLength: bytes, Buffer: buffer.as_mut_ptr() }
 }
 

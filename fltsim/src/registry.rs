@@ -83,6 +83,7 @@ pub fn set_value(path: &str, name: &str, value: RegValue) {
 }
 
 /// Deletes `path` and every key below it; returns whether anything was deleted.
+#[must_use = "a test that deletes a key usually means it to exist"]
 pub fn delete_tree(path: &str) -> bool {
     let target = normalize(path);
     let below = format!("{target}\\");
@@ -158,4 +159,17 @@ pub fn install_inf(text: &str, arch: &str) -> Result<String, InfError> {
         }
     }
     Ok(install.name)
+}
+
+/// Writes what a minifilter INF would for `service`: the service key and one instance at `altitude`, under the
+/// instances key the simulated build reads. For small test filters that have no INF of their own.
+pub fn install_minifilter_service(service: &str, instance: &str, altitude: &str) {
+    let root = service_key(service);
+    set_value(&root, "Type", RegValue::Dword(2));
+    set_value(&root, "Start", RegValue::Dword(3));
+    let instances = instances_key(service);
+    set_value(&instances, "DefaultInstance", RegValue::Sz(instance.to_owned()));
+    let path = format!(r"{instances}\{instance}");
+    set_value(&path, "Altitude", RegValue::Sz(altitude.to_owned()));
+    set_value(&path, "Flags", RegValue::Dword(0));
 }

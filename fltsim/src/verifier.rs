@@ -7,7 +7,10 @@
 
 use std::{fmt, sync::Mutex};
 
-use crate::kernel::thread::{self, ThreadSnapshot};
+use crate::kernel::{
+    irql,
+    thread::{self, ThreadSnapshot},
+};
 
 /// A rule the model enforces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -112,7 +115,7 @@ impl fmt::Display for Report {
             self.api,
             self.detail,
             self.thread.name,
-            self.thread.irql,
+            irql::name(self.thread.irql),
             self.thread.critical_regions,
             self.thread.guarded_regions,
             self.thread.all_apcs_disabled(),

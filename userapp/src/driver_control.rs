@@ -76,9 +76,10 @@ mod imp {
     /// FilterLoad/FilterUnload need it enabled.
     fn enable_load_driver_privilege() -> Result<(), CliError> {
         let mut raw: HANDLE = std::ptr::null_mut();
-        // SAFETY: GetCurrentProcess returns a pseudo-handle; `raw` is a valid place for the token handle.
-        let opened =
-            unsafe { OpenProcessToken(GetCurrentProcess(), TOKEN_ADJUST_PRIVILEGES | TOKEN_QUERY, &raw mut raw) };
+        // SAFETY: GetCurrentProcess has no preconditions and returns a pseudo-handle.
+        let process = unsafe { GetCurrentProcess() };
+        // SAFETY: `process` is the current process's pseudo-handle; `raw` is a valid place for the token handle.
+        let opened = unsafe { OpenProcessToken(process, TOKEN_ADJUST_PRIVILEGES | TOKEN_QUERY, &raw mut raw) };
         if opened == 0 {
             return Err(last_error("OpenProcessToken"));
         }

@@ -101,7 +101,7 @@ pub fn drivers() -> Result<Vec<PathBuf>> {
         .iter()
         .map(|arch| {
             let path = driver(arch)?;
-            let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let size = fs::metadata(&path).map_or(0, |m| m.len());
             println!("built {} ({size} bytes)", display(&path));
             Ok(path)
         })

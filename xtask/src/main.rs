@@ -42,6 +42,6 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::BuildDriver => build::drivers().map(drop),
         Task::Package => package::run(),
-        Task::Ci => ci::run(),
+        Task::Ci => ci::run_all(),
     }
 }

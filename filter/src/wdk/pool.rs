@@ -14,7 +14,10 @@ use core::{
 
 use windows_sys::Wdk::System::SystemServices::{ExAllocatePool2, ExFreePoolWithTag};
 
-use super::status::{NtResult, NtStatus};
+use super::{
+    irql::{Irql, current_irql},
+    status::{NtResult, NtStatus},
+};
 
 /// `POOL_FLAGS` values of wdm.h, which windows-sys does not carry (they are `#define`s, not metadata).
 pub mod flags {
@@ -91,9 +94,13 @@ impl<T> PoolBox<T> {
     /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-exallocatepool2>.
     ///
     /// # Errors
-    /// `STATUS_INSUFFICIENT_RESOURCES` when the pool cannot satisfy the request; `value` is dropped.
+    /// `STATUS_INSUFFICIENT_RESOURCES` when the pool cannot satisfy the request, or when called above
+    /// DISPATCH_LEVEL, where allocating would be a bugcheck rather than a failure; `value` is dropped.
     pub fn try_new(value: T, tag: PoolTag) -> NtResult<Self> {
         let () = Self::LAYOUT_OK;
+        if current_irql() > Irql::DISPATCH {
+            return Err(NtStatus::INSUFFICIENT_RESOURCES);
+        }
         // SAFETY: `ExAllocatePool2` has no preconditions beyond valid flags; it returns null on failure.
         let raw = unsafe { ExAllocatePool2(flags::NON_PAGED, size_of::<T>(), tag.raw()) };
         let ptr = NonNull::new(raw.cast::<T>()).ok_or(NtStatus::INSUFFICIENT_RESOURCES)?;

@@ -5,7 +5,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use windows_sys::{
     Wdk::{
-        Foundation::DRIVER_OBJECT,
+        Foundation::{DRIVER_EXTENSION, DRIVER_OBJECT},
         Storage::FileSystem::Minifilters::{
             FLT_CONTEXT_END, FLT_CONTEXT_REGISTRATION, FLT_OPERATION_REGISTRATION, FLT_REGISTRATION,
             FLT_REGISTRATION_VERSION_0200, FLT_REGISTRATION_VERSION_0203, IRP_MJ_OPERATION_END, PFLT_FILTER,
@@ -71,6 +71,7 @@ pub struct InstanceDefinition {
 
 /// What the model recorded about one registered filter.
 #[derive(Clone, Debug)]
+#[expect(clippy::struct_excessive_bools, reason = "one flag per optional callback, as FLT_REGISTRATION has")]
 pub struct FilterRecord {
     /// The handle `FltRegisterFilter` returned.
     pub handle: PFLT_FILTER,
@@ -151,16 +152,24 @@ fn valid_major(major: u8) -> bool {
 /// # Safety
 /// `table` must be null or point to an array of registrations that the driver keeps alive.
 unsafe fn read_operations(table: *const FLT_OPERATION_REGISTRATION) -> Result<Vec<OperationRecord>, String> {
-    let mut out: Vec<OperationRecord> = Vec::new();
     if table.is_null() {
-        return Ok(out);
+        return Ok(Vec::new());
     }
+    // Find the terminator first, reading no further than a real table could reach.
+    let mut entries: Vec<&FLT_OPERATION_REGISTRATION> = Vec::new();
     for index in 0..MAX_OPERATIONS {
         // SAFETY: the table is valid up to its terminator, which has not been reached yet.
-        let entry = unsafe { &*table.add(index) };
+        let entry = unsafe { &*table.wrapping_add(index) };
         if u16::from(entry.MajorFunction) == IRP_MJ_OPERATION_END {
-            return Ok(out);
+            break;
         }
+        entries.push(entry);
+    }
+    if entries.len() == MAX_OPERATIONS {
+        return Err(format!("no IRP_MJ_OPERATION_END within {MAX_OPERATIONS} entries"));
+    }
+    let mut out: Vec<OperationRecord> = Vec::new();
+    for (index, entry) in entries.into_iter().enumerate() {
         if !valid_major(entry.MajorFunction) {
             return Err(format!("entry {index}: {:#04x} is not a major function code", entry.MajorFunction));
         }
@@ -178,7 +187,7 @@ unsafe fn read_operations(table: *const FLT_OPERATION_REGISTRATION) -> Result<Ve
             post: entry.PostOperation.is_some(),
         });
     }
-    Err(format!("no IRP_MJ_OPERATION_END within {MAX_OPERATIONS} entries"))
+    Ok(out)
 }
 
 /// Reads the context registration table.
@@ -192,7 +201,7 @@ unsafe fn read_contexts(table: *const FLT_CONTEXT_REGISTRATION) -> Result<Vec<u1
     }
     for index in 0..MAX_OPERATIONS {
         // SAFETY: the table is valid up to its terminator, which has not been reached yet.
-        let entry = unsafe { &*table.add(index) };
+        let entry = unsafe { &*table.wrapping_add(index) };
         if u32::from(entry.ContextType) == FLT_CONTEXT_END {
             return Ok(out);
         }
@@ -283,8 +292,9 @@ pub unsafe extern "system" fn FltRegisterFilter(
         if extension.is_null() {
             return invalid("the driver object has no DriverExtension".to_owned());
         }
+        let name = extension.wrapping_byte_add(std::mem::offset_of!(DRIVER_EXTENSION, ServiceKeyName));
         // SAFETY: the extension belongs to the driver object and holds the service name the loader set.
-        let Some(service) = (unsafe { read_unicode(&raw const (*extension).ServiceKeyName) }) else {
+        let Some(service) = (unsafe { read_unicode(name.cast()) }) else {
             return invalid("the driver object has no service key name".to_owned());
         };
         let Some((default_instance, instances)) = read_instances(&service) else {

@@ -1,0 +1,204 @@
+//! A small test minifilter for fltsim's own tests, correct by default and wrong on request.
+//!
+//! Every scenario runs in its own process (`fltsim::scenario!`), so one filter image serves every test: the test
+//! picks a [`Fault`] before loading it, and the filter commits exactly that fault.
+#![allow(dead_code, reason = "each test binary uses a different part of the test filter")]
+
+use std::{
+    ffi::c_void,
+    ptr::null_mut,
+    sync::atomic::{AtomicIsize, AtomicU8, Ordering},
+};
+
+use windows_sys::{
+    Wdk::{
+        Foundation::DRIVER_OBJECT,
+        Storage::FileSystem::Minifilters::{
+            FLT_OPERATION_REGISTRATION, FLT_REGISTRATION, FLT_REGISTRATION_VERSION, FltRegisterFilter,
+            FltStartFiltering, FltUnregisterFilter, IRP_MJ_OPERATION_END, PFLT_FILTER,
+        },
+        System::SystemServices::{ExAllocatePool2, ExFreePoolWithTag},
+    },
+    Win32::Foundation::{NTSTATUS, STATUS_INSUFFICIENT_RESOURCES, STATUS_SUCCESS, UNICODE_STRING},
+};
+
+/// The service name of the test filter.
+pub const SERVICE: &str = "fltsimtest";
+
+/// The pool tag the test filter allocates with.
+pub const TAG: u32 = u32::from_le_bytes(*b"FsTf");
+
+/// POOL_FLAG_NON_PAGED.
+pub const NON_PAGED: u64 = 0x40;
+
+/// What the test filter does wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// Nothing: a correct filter.
+    None,
+    /// Frees its pool twice at unload.
+    DoubleFree,
+    /// Frees a pointer the pool never returned.
+    FreeNotAllocated,
+    /// Frees its pool with another tag.
+    TagMismatch,
+    /// Allocates with a zero tag.
+    ZeroTag,
+    /// Keeps its pool at unload.
+    LeakAtUnload,
+    /// Returns success from unload without calling FltUnregisterFilter.
+    UnloadWithoutUnregister,
+    /// Fails DriverEntry after registering, without unregistering.
+    FailEntryStillRegistered,
+    /// Registers a table whose Size is wrong.
+    WrongRegistrationSize,
+    /// Registers an operation table with no IRP_MJ_OPERATION_END.
+    NoOperationTerminator,
+    /// Starts filtering with a handle that is not a filter.
+    StartBogusHandle,
+}
+
+static FAULT: AtomicU8 = AtomicU8::new(0);
+static FILTER: AtomicIsize = AtomicIsize::new(0);
+static POOL: AtomicIsize = AtomicIsize::new(0);
+
+/// Chooses the fault before loading the filter.
+pub fn set_fault(fault: Fault) {
+    FAULT.store(fault as u8, Ordering::SeqCst);
+}
+
+fn fault() -> Fault {
+    let all = [
+        Fault::None,
+        Fault::DoubleFree,
+        Fault::FreeNotAllocated,
+        Fault::TagMismatch,
+        Fault::ZeroTag,
+        Fault::LeakAtUnload,
+        Fault::UnloadWithoutUnregister,
+        Fault::FailEntryStillRegistered,
+        Fault::WrongRegistrationSize,
+        Fault::NoOperationTerminator,
+        Fault::StartBogusHandle,
+    ];
+    all[usize::from(FAULT.load(Ordering::SeqCst))]
+}
+
+struct Table<T>(T);
+// SAFETY: immutable statics of plain data and function pointers.
+unsafe impl<T> Sync for Table<T> {}
+
+const fn operation(major: u8) -> FLT_OPERATION_REGISTRATION {
+    FLT_OPERATION_REGISTRATION {
+        MajorFunction: major,
+        Flags: 0,
+        PreOperation: None,
+        PostOperation: None,
+        Reserved1: null_mut(),
+    }
+}
+
+#[allow(clippy::cast_possible_truncation, reason = "IRP_MJ_OPERATION_END is 0x80")]
+const END: u8 = IRP_MJ_OPERATION_END as u8;
+
+static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> = Table([operation(0), operation(END)]);
+/// 256 IRP_MJ_CREATE entries and no terminator.
+static UNTERMINATED: Table<[FLT_OPERATION_REGISTRATION; 256]> = Table([operation(0); 256]);
+
+const fn registration(operations: *const FLT_OPERATION_REGISTRATION, size: u16) -> FLT_REGISTRATION {
+    FLT_REGISTRATION {
+        Size: size,
+        #[allow(clippy::cast_possible_truncation, reason = "0x0203")]
+        Version: FLT_REGISTRATION_VERSION as u16,
+        Flags: 0,
+        ContextRegistration: std::ptr::null(),
+        OperationRegistration: operations,
+        FilterUnloadCallback: Some(unload),
+        InstanceSetupCallback: None,
+        InstanceQueryTeardownCallback: None,
+        InstanceTeardownStartCallback: None,
+        InstanceTeardownCompleteCallback: None,
+        GenerateFileNameCallback: None,
+        NormalizeNameComponentCallback: None,
+        NormalizeContextCleanupCallback: None,
+        TransactionNotificationCallback: None,
+        NormalizeNameComponentExCallback: None,
+        SectionNotificationCallback: None,
+    }
+}
+
+#[allow(clippy::cast_possible_truncation, reason = "the registration is far smaller than 64 KiB")]
+const SIZE: u16 = size_of::<FLT_REGISTRATION>() as u16;
+
+static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), SIZE));
+static WRONG_SIZE: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), SIZE - 8));
+static NO_TERMINATOR: Table<FLT_REGISTRATION> = Table(registration((&raw const UNTERMINATED.0).cast(), SIZE));
+
+/// The test filter's DriverEntry.
+///
+/// # Safety
+/// Called by the fltsim loader with a valid driver object.
+pub unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
+    let table = match fault() {
+        Fault::WrongRegistrationSize => &WRONG_SIZE.0,
+        Fault::NoOperationTerminator => &NO_TERMINATOR.0,
+        _ => &REGISTRATION.0,
+    };
+    let mut filter: PFLT_FILTER = 0;
+    // SAFETY: the loader's driver object and a static table.
+    let status = unsafe { FltRegisterFilter(driver, table, &raw mut filter) };
+    if status < 0 {
+        return status;
+    }
+    FILTER.store(filter, Ordering::SeqCst);
+    let tag = if fault() == Fault::ZeroTag { 0 } else { TAG };
+    // SAFETY: plain values.
+    let pool = unsafe { ExAllocatePool2(NON_PAGED, 64, tag) };
+    POOL.store(pool as isize, Ordering::SeqCst);
+    if fault() == Fault::FailEntryStillRegistered {
+        return STATUS_INSUFFICIENT_RESOURCES;
+    }
+    let handle = if fault() == Fault::StartBogusHandle { 0x1234 } else { filter };
+    // SAFETY: plain value; the model validates the handle.
+    unsafe { FltStartFiltering(handle) };
+    STATUS_SUCCESS
+}
+
+unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
+    let pool = POOL.load(Ordering::SeqCst) as *mut c_void;
+    // SAFETY: in each case the model checks the pointer and tag, which is what these tests exercise.
+    unsafe {
+        match fault() {
+            Fault::LeakAtUnload | Fault::ZeroTag => {}
+            Fault::DoubleFree => {
+                ExFreePoolWithTag(pool, TAG);
+                ExFreePoolWithTag(pool, TAG);
+            }
+            Fault::FreeNotAllocated => {
+                ExFreePoolWithTag(pool, TAG);
+                ExFreePoolWithTag(0x5000 as *mut c_void, TAG);
+            }
+            Fault::TagMismatch => {
+                ExFreePoolWithTag(pool, u32::from_le_bytes(*b"Oops"));
+                ExFreePoolWithTag(pool, TAG);
+            }
+            _ => ExFreePoolWithTag(pool, TAG),
+        }
+    }
+    if fault() != Fault::UnloadWithoutUnregister {
+        // SAFETY: the handle FltRegisterFilter returned.
+        unsafe { FltUnregisterFilter(FILTER.load(Ordering::SeqCst)) };
+    }
+    STATUS_SUCCESS
+}
+
+/// Installs the test filter's service and loads it with `fault`.
+///
+/// # Errors
+/// The loader's error.
+pub fn load(fault: Fault) -> Result<fltsim::LoadedDriver, fltsim::LoadError> {
+    set_fault(fault);
+    fltsim::registry::install_minifilter_service(SERVICE, "Test Instance", "385100");
+    fltsim::load(SERVICE, driver_entry)
+}

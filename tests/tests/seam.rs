@@ -1,0 +1,134 @@
+//! The seam between the driver and fltsim: the real `DriverEntry` registers with the model, starts filtering, and
+//! unloads cleanly; the model's registry comes from `inf/shunt.inf`; pool allocations of the driver reach the
+//! model, where they can fail; each load runs in its own process.
+#![cfg(not(windows))]
+
+use fltsim::{
+    LoadError,
+    fltmgr::{FilterRecord, OperationRecord},
+    isolate,
+    kernel::pool::{self, FailurePlan, tag_name},
+    registry, scenario, verifier,
+};
+use shunt_tests::install_shunt_inf;
+use windows_sys::Win32::Foundation::{STATUS_INSUFFICIENT_RESOURCES, STATUS_OBJECT_NAME_NOT_FOUND};
+
+const IRP_MJ_CREATE: u8 = 0;
+
+fn shunt_filter(filters: &[FilterRecord]) -> FilterRecord {
+    assert_eq!(filters.len(), 1, "Shunt registers exactly one filter: {filters:?}");
+    filters[0].clone()
+}
+
+fn globals_allocations() -> usize {
+    pool::live().iter().filter(|a| tag_name(a.tag) == "ShGl").count()
+}
+
+scenario! {
+    /// DriverEntry → FltRegisterFilter → FltStartFiltering → unload → FltUnregisterFilter, and what the model
+    /// recorded on the way.
+    fn driver_entry_registers_starts_and_unloads_cleanly() {
+        install_shunt_inf();
+        let mut driver = fltsim::load(shunt::SERVICE_NAME, shunt::DriverEntry).expect("DriverEntry succeeds");
+
+        let filter = shunt_filter(&driver.filters());
+        assert_eq!(filter.service, "shunt");
+        assert_eq!(filter.version, 0x0203, "FLT_REGISTRATION_VERSION");
+        assert_eq!(filter.operations, [OperationRecord { major: IRP_MJ_CREATE, flags: 0, pre: true, post: false }]);
+        assert!(filter.has_unload, "an unload callback, without which the filter could not unload");
+        assert!(filter.has_instance_setup && filter.has_instance_query_teardown);
+        assert!(filter.has_instance_teardown_start && filter.has_instance_teardown_complete);
+        assert!(filter.started, "FltStartFiltering was called");
+        assert_eq!(filter.default_instance.as_deref(), Some("Shunt Instance"));
+        assert_eq!(filter.instances.len(), 1);
+        assert_eq!(filter.instances[0].altitude, shunt::ALTITUDE);
+        assert_eq!(globals_allocations(), 1, "the driver's globals live in pool tagged ShGl");
+
+        driver.unload(false).expect("a non-mandatory unload succeeds");
+        let filter = shunt_filter(&driver.filters());
+        assert!(filter.unregistered && !filter.started, "FltUnregisterFilter was called");
+        assert_eq!(globals_allocations(), 0, "the globals were freed");
+        let reports = verifier::take_reports();
+        assert!(reports.is_empty(), "Shunt broke rules: {reports:#?}");
+    }
+}
+
+scenario! {
+    /// Windows: FltRegisterFilter fails with STATUS_OBJECT_NAME_NOT_FOUND when the Instances key is missing, and
+    /// DriverEntry returns that status having left nothing behind.
+    fn register_fails_without_the_instances_key() {
+        install_shunt_inf();
+        assert!(registry::delete_tree(&registry::instances_key(shunt::SERVICE_NAME)));
+        match fltsim::load(shunt::SERVICE_NAME, shunt::DriverEntry) {
+            Err(LoadError::EntryFailed(status)) => assert_eq!(status, STATUS_OBJECT_NAME_NOT_FOUND),
+            Err(other) => panic!("unexpected load error: {other}"),
+            Ok(_) => panic!("DriverEntry succeeded without an Instances key"),
+        }
+        assert!(fltsim::fltmgr::filters().is_empty());
+        let reports = verifier::take_reports();
+        assert!(reports.is_empty(), "{reports:#?}");
+    }
+}
+
+scenario! {
+    /// Before Windows 11 24H2 the INF's legacy section writes the instances under the service key, where that
+    /// build reads them; a 24H2 build does not read that location.
+    fn instances_are_read_where_each_windows_build_reads_them() {
+        registry::set_windows_build(19045);
+        install_shunt_inf();
+        let service = registry::service_key(shunt::SERVICE_NAME);
+        assert!(registry::key(&format!(r"{service}\Instances")).is_some());
+        assert!(registry::key(&format!(r"{service}\Parameters\Instances")).is_none());
+
+        registry::set_windows_build(registry::BUILD_24H2);
+        match fltsim::load(shunt::SERVICE_NAME, shunt::DriverEntry) {
+            Err(LoadError::EntryFailed(status)) => assert_eq!(status, STATUS_OBJECT_NAME_NOT_FOUND),
+            other => panic!("a 24H2 build must not find legacy-only instances: {:?}", other.err()),
+        }
+    }
+}
+
+scenario! {
+    /// The driver's pool allocations reach the model, where they can be made to fail: DriverEntry then fails with
+    /// STATUS_INSUFFICIENT_RESOURCES and unregisters the filter it had registered.
+    fn a_failed_allocation_in_driver_entry_unwinds_cleanly() {
+        install_shunt_inf();
+        pool::set_failure_plan(FailurePlan::Tag(u32::from_le_bytes(*b"ShGl")));
+        match fltsim::load(shunt::SERVICE_NAME, shunt::DriverEntry) {
+            Err(LoadError::EntryFailed(status)) => assert_eq!(status, STATUS_INSUFFICIENT_RESOURCES),
+            other => panic!("expected the injected failure: {:?}", other.err()),
+        }
+        assert_eq!(pool::stats().injected_failures, 1);
+        let filters = fltsim::fltmgr::filters();
+        assert!(filters.iter().all(|f| f.unregistered), "the registered filter was unregistered: {filters:?}");
+        let reports = verifier::take_reports();
+        assert!(reports.is_empty(), "{reports:#?}");
+    }
+}
+
+scenario! {
+    /// A driver's statics cannot be re-initialised in one process: the model refuses a second load of the same
+    /// image and says why.
+    fn a_second_load_in_the_same_process_is_refused() {
+        install_shunt_inf();
+        let mut driver = fltsim::load(shunt::SERVICE_NAME, shunt::DriverEntry).expect("first load");
+        driver.unload(false).expect("unload");
+        let second = fltsim::load(shunt::SERVICE_NAME, shunt::DriverEntry);
+        assert!(matches!(second, Err(LoadError::AlreadyLoadedInProcess)));
+    }
+}
+
+/// Two load/unload cycles run in two processes, each with a fresh image.
+#[test]
+fn two_load_unload_cycles_run_in_two_processes() {
+    let test = "driver_entry_registers_starts_and_unloads_cleanly";
+    let runs: Vec<_> = (0..2).map(|_| isolate::run_child(test)).collect();
+    let mut pids = Vec::new();
+    for output in &runs {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success() && stdout.contains("1 passed"), "cycle failed:\n{stdout}");
+        pids.push(isolate::child_pid(output).expect("the child printed its pid"));
+    }
+    assert_ne!(pids[0], pids[1], "each cycle had its own process");
+    assert!(!pids.contains(&std::process::id()));
+}
