@@ -20,6 +20,7 @@
 pub mod exports;
 pub mod fltmgr;
 pub mod inf;
+pub mod io;
 pub mod isolate;
 pub mod kernel;
 pub mod loader;

@@ -167,10 +167,11 @@ impl LoadedDriver {
     pub fn unload(&mut self, mandatory: bool) -> Result<(), UnloadError> {
         let live: Vec<FilterRecord> = self.filters().into_iter().filter(|f| !f.unregistered).collect();
         for filter in &live {
-            let Some(callback) = filter.unload_callback else {
+            let Some(callback) = filter.callbacks.unload else {
                 return Err(UnloadError::NotUnloadable);
             };
             let flags = if mandatory { FLTFL_FILTER_UNLOAD_MANDATORY } else { 0 };
+            crate::fltmgr::instance::set_mandatory_unload(mandatory);
             let status = thread::run_on_system_thread("System: FilterUnload", move || {
                 // SAFETY: the driver registered this callback and is still loaded.
                 unsafe { callback(flags) }

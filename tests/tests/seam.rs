@@ -132,3 +132,58 @@ fn two_load_unload_cycles_run_in_two_processes() {
     assert_ne!(pids[0], pids[1], "each cycle had its own process");
     assert!(!pids.contains(&std::process::id()));
 }
+
+scenario! {
+    /// Filter Manager offers every volume to the started filter: Shunt attaches to local disk file systems and
+    /// declines the network redirector; a volume mounted later is offered too; a manual detach is allowed while
+    /// nothing is redirected; unload tears the remaining instances down.
+    fn instances_attach_to_disk_volumes_and_are_torn_down_at_unload() {
+        use fltsim::{
+            fltmgr::instance::{self, InstanceRecord},
+            io::{self, VolumeSpec},
+        };
+        use windows_sys::{
+            Wdk::Storage::FileSystem::Minifilters::{
+                FLTFL_INSTANCE_TEARDOWN_FILTER_UNLOAD, FLTFL_INSTANCE_TEARDOWN_MANUAL,
+            },
+            Win32::{
+                Foundation::STATUS_FLT_DO_NOT_ATTACH,
+                Storage::InstallableFileSystems::{FLT_FSTYPE_FAT, FLT_FSTYPE_LANMAN, FLT_FSTYPE_REFS},
+                System::Ioctl::FILE_DEVICE_NETWORK_FILE_SYSTEM,
+            },
+        };
+
+        let root = std::env::temp_dir();
+        let c = io::mount(VolumeSpec::ntfs('C', &root));
+        let f = io::mount(VolumeSpec { file_system: FLT_FSTYPE_FAT, ..VolumeSpec::ntfs('F', &root) });
+        let n = io::mount(VolumeSpec {
+            device_type: FILE_DEVICE_NETWORK_FILE_SYSTEM,
+            file_system: FLT_FSTYPE_LANMAN,
+            ..VolumeSpec::ntfs('N', &root)
+        });
+        install_shunt_inf();
+        let mut driver = fltsim::load(shunt::SERVICE_NAME, shunt::DriverEntry).expect("load");
+        let on = |volume: &io::Volume| -> Option<InstanceRecord> {
+            instance::instances().into_iter().find(|i| i.volume == volume.handle)
+        };
+        assert!(on(&c).is_some_and(|i| i.attached && i.altitude == shunt::ALTITUDE));
+        assert!(on(&f).is_some_and(|i| i.attached));
+        assert!(on(&n).is_some_and(|i| !i.attached && i.setup_status == STATUS_FLT_DO_NOT_ATTACH));
+
+        let r = io::mount(VolumeSpec { file_system: FLT_FSTYPE_REFS, ..VolumeSpec::ntfs('R', &root) });
+        assert!(on(&r).is_some_and(|i| i.attached), "a newly mounted volume is offered to the started filter");
+
+        let filter = driver.filters()[0].handle;
+        instance::detach(filter, f.handle).expect("Shunt allows a manual detach while nothing is redirected");
+        assert_eq!(on(&f).and_then(|i| i.teardown_reason), Some(FLTFL_INSTANCE_TEARDOWN_MANUAL));
+
+        driver.unload(false).expect("unload");
+        for volume in [&c, &r] {
+            let record = on(volume).expect("instance");
+            assert!(!record.attached);
+            assert_eq!(record.teardown_reason, Some(FLTFL_INSTANCE_TEARDOWN_FILTER_UNLOAD));
+        }
+        let reports = verifier::take_reports();
+        assert!(reports.is_empty(), "{reports:#?}");
+    }
+}

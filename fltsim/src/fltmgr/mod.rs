@@ -1,5 +1,6 @@
-//! The Filter Manager model: registration of minifilters, starting and stopping them.
+//! The Filter Manager model: registration of minifilters, their instances on volumes, starting and stopping them.
 
+pub mod instance;
 pub mod registration;
 
 pub use registration::{FilterRecord, InstanceDefinition, OperationRecord, filters};

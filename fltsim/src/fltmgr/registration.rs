@@ -9,7 +9,8 @@ use windows_sys::{
         Storage::FileSystem::Minifilters::{
             FLT_CONTEXT_END, FLT_CONTEXT_REGISTRATION, FLT_OPERATION_REGISTRATION, FLT_REGISTRATION,
             FLT_REGISTRATION_VERSION_0200, FLT_REGISTRATION_VERSION_0203, IRP_MJ_OPERATION_END, PFLT_FILTER,
-            PFLT_FILTER_UNLOAD_CALLBACK,
+            PFLT_FILTER_UNLOAD_CALLBACK, PFLT_INSTANCE_QUERY_TEARDOWN_CALLBACK, PFLT_INSTANCE_SETUP_CALLBACK,
+            PFLT_INSTANCE_TEARDOWN_CALLBACK,
         },
     },
     Win32::Foundation::{
@@ -105,7 +106,17 @@ pub struct FilterRecord {
     pub started: bool,
     /// Whether `FltUnregisterFilter` was called.
     pub unregistered: bool,
-    pub(crate) unload_callback: PFLT_FILTER_UNLOAD_CALLBACK,
+    pub(crate) callbacks: Callbacks,
+}
+
+/// The callbacks of a registration, kept to call them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Callbacks {
+    pub(crate) unload: PFLT_FILTER_UNLOAD_CALLBACK,
+    pub(crate) instance_setup: PFLT_INSTANCE_SETUP_CALLBACK,
+    pub(crate) instance_query_teardown: PFLT_INSTANCE_QUERY_TEARDOWN_CALLBACK,
+    pub(crate) instance_teardown_start: PFLT_INSTANCE_TEARDOWN_CALLBACK,
+    pub(crate) instance_teardown_complete: PFLT_INSTANCE_TEARDOWN_CALLBACK,
 }
 
 static FILTERS: Mutex<Vec<FilterRecord>> = Mutex::new(Vec::new());
@@ -321,7 +332,13 @@ pub unsafe extern "system" fn FltRegisterFilter(
             instances,
             started: false,
             unregistered: false,
-            unload_callback: reg.FilterUnloadCallback,
+            callbacks: Callbacks {
+                unload: reg.FilterUnloadCallback,
+                instance_setup: reg.InstanceSetupCallback,
+                instance_query_teardown: reg.InstanceQueryTeardownCallback,
+                instance_teardown_start: reg.InstanceTeardownStartCallback,
+                instance_teardown_complete: reg.InstanceTeardownCompleteCallback,
+            },
         });
         // SAFETY: checked non-NULL; the driver passes a place for the handle.
         unsafe { ret_filter.write(handle) };
@@ -348,7 +365,15 @@ pub extern "system" fn FltStartFiltering(filter: PFLT_FILTER) -> NTSTATUS {
         if !thread::require_irql_at_most(API, irql::PASSIVE, FLTSTARTFILTERING) {
             return STATUS_INVALID_PARAMETER;
         }
-        with_live_filter(API, filter, |r| r.started = true).map_or(STATUS_INVALID_PARAMETER, |()| STATUS_SUCCESS)
+        let Some(record) = with_live_filter(API, filter, |r| {
+            r.started = true;
+            r.clone()
+        }) else {
+            return STATUS_INVALID_PARAMETER;
+        };
+        // Attaching calls the driver's InstanceSetup, so no model lock is held here.
+        super::instance::attach_all_volumes(&record);
+        STATUS_SUCCESS
     })
 }
 
@@ -361,6 +386,11 @@ pub extern "system" fn FltUnregisterFilter(filter: PFLT_FILTER) {
         if !thread::require_irql_at_most(API, irql::PASSIVE, FLTUNREGISTERFILTER) {
             return;
         }
+        let Some(record) = with_live_filter(API, filter, |r| r.clone()) else {
+            return;
+        };
+        // Instances are torn down (calling the driver's teardown callbacks) before the filter is gone.
+        super::instance::tear_down_filter(&record);
         with_live_filter(API, filter, |r| {
             r.unregistered = true;
             r.started = false;

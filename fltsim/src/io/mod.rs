@@ -1,0 +1,9 @@
+//! The I/O model: volumes rooted in host directories.
+//!
+//! Each volume has a device name (`\Device\HarddiskVolumeN`), a volume GUID name, a drive letter, a device and
+//! file-system type and a sector size. Filter Manager attaches instances of started filters to every mounted
+//! volume (see [`crate::fltmgr::instance`]).
+
+pub mod volume;
+
+pub use volume::{Volume, VolumeSpec, mount, volumes};
