@@ -4,6 +4,7 @@
 //! file-system type and a sector size. Filter Manager attaches instances of started filters to every mounted
 //! volume (see [`crate::fltmgr::instance`]).
 
+pub mod fs;
 pub mod volume;
 
 pub use volume::{Volume, VolumeSpec, mount, volumes};
