@@ -84,6 +84,231 @@ pub const EXPORTS: &[Export] = &[
         "IRQL; a registered filter, unregistered once",
         "fltkernel/nf-fltkernel-fltunregisterfilter"
     ),
+    export!(
+        "KeEnterCriticalRegion",
+        "ntoskrnl.exe",
+        "APC_LEVEL",
+        "IRQL; enters a nestable critical region (normal kernel APCs off)",
+        "ntddk/nf-ntddk-keentercriticalregion"
+    ),
+    export!(
+        "KeLeaveCriticalRegion",
+        "ntoskrnl.exe",
+        "APC_LEVEL",
+        "IRQL; leaving without a matching enter is reported",
+        "ntddk/nf-ntddk-keleavecriticalregion"
+    ),
+    export!(
+        "KeEnterGuardedRegion",
+        "ntoskrnl.exe",
+        "APC_LEVEL",
+        "IRQL; enters a nestable guarded region (all kernel APCs off)",
+        "wdm/nf-wdm-keenterguardedregion"
+    ),
+    export!(
+        "KeLeaveGuardedRegion",
+        "ntoskrnl.exe",
+        "APC_LEVEL",
+        "IRQL; leaving without a matching enter is reported",
+        "wdm/nf-wdm-keleaveguardedregion"
+    ),
+    export!(
+        "KeAreApcsDisabled",
+        "ntoskrnl.exe",
+        "DISPATCH_LEVEL",
+        "IRQL; TRUE in a critical or guarded region",
+        "ntddk/nf-ntddk-keareapcsdisabled"
+    ),
+    export!(
+        "KeAreAllApcsDisabled",
+        "ntoskrnl.exe",
+        "DISPATCH_LEVEL",
+        "IRQL; TRUE in a guarded region or at APC_LEVEL or above",
+        "wdm/nf-wdm-keareallapcsdisabled"
+    ),
+    export!(
+        "IoGetTopLevelIrp",
+        "ntoskrnl.exe",
+        "DISPATCH_LEVEL",
+        "IRQL; the thread's top-level IRP",
+        "ntifs/nf-ntifs-iogettoplevelirp"
+    ),
+    export!(
+        "IoSetTopLevelIrp",
+        "ntoskrnl.exe",
+        "DISPATCH_LEVEL",
+        "IRQL; every call is reported: only file systems may call it, and the model hosts filters",
+        "ntifs/nf-ntifs-iosettoplevelirp"
+    ),
+    export!(
+        "PsGetCurrentProcessId",
+        "ntoskrnl.exe",
+        "HIGH_LEVEL",
+        "the id of the current thread's process (System, pid 4, unless a test runs as another)",
+        "ntddk/nf-ntddk-psgetcurrentprocessid"
+    ),
+    export!(
+        "IoGetCurrentProcess",
+        "ntoskrnl.exe",
+        "HIGH_LEVEL",
+        "the current process as an opaque PEPROCESS the model maps back",
+        "wdm/nf-wdm-iogetcurrentprocess"
+    ),
+    export!(
+        "PsGetProcessId",
+        "ntoskrnl.exe",
+        "HIGH_LEVEL",
+        "the process id; a value that is not a PEPROCESS is reported",
+        "ntddk/nf-ntddk-psgetprocessid"
+    ),
+    export!(
+        "KeInitializeEvent",
+        "ntoskrnl.exe",
+        "HIGH_LEVEL",
+        "a valid event type and a non-NULL pointer",
+        "wdm/nf-wdm-keinitializeevent"
+    ),
+    export!(
+        "KeSetEvent",
+        "ntoskrnl.exe",
+        "DISPATCH_LEVEL (APC_LEVEL when Wait)",
+        "IRQL; an initialized event",
+        "wdm/nf-wdm-kesetevent"
+    ),
+    export!("KeClearEvent", "ntoskrnl.exe", "DISPATCH_LEVEL", "IRQL; an initialized event", "wdm/nf-wdm-keclearevent"),
+    export!(
+        "KeWaitForSingleObject",
+        "ntoskrnl.exe",
+        "APC_LEVEL (DISPATCH_LEVEL with a zero timeout)",
+        "IRQL by timeout; an initialized event; a wait that needs a special kernel APC the thread cannot receive is reported",
+        "wdm/nf-wdm-kewaitforsingleobject"
+    ),
+    export!(
+        "FltInitializePushLock",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a non-NULL pointer",
+        "fltkernel/nf-fltkernel-fltinitializepushlock"
+    ),
+    export!(
+        "FltAcquirePushLockExclusive",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; an initialized lock; not held by this thread; enters a critical region",
+        "fltkernel/nf-fltkernel-fltacquirepushlockexclusive"
+    ),
+    export!(
+        "FltAcquirePushLockShared",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; an initialized lock; not held by this thread; enters a critical region",
+        "fltkernel/nf-fltkernel-fltacquirepushlockshared"
+    ),
+    export!(
+        "FltReleasePushLock",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; held by this thread; leaves the critical region",
+        "fltkernel/nf-fltkernel-fltreleasepushlock"
+    ),
+    export!(
+        "FltDeletePushLock",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; an initialized lock not held by anyone",
+        "fltkernel/nf-fltkernel-fltdeletepushlock"
+    ),
+    export!(
+        "FltCreateFileEx2",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; no top-level IRP; APCs enabled (stricter for Ex2); an attached instance of the filter on the named volume; OBJ_KERNEL_HANDLE (always, stricter); IO_FORCE_ACCESS_CHECK on a user's behalf; enters below the instance; handle and file-object leaks at unload",
+        "fltkernel/nf-fltkernel-fltcreatefileex2"
+    ),
+    export!(
+        "FltClose",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; an open kernel file handle, closed once (IRP_MJ_CLEANUP through the lower filters)",
+        "fltkernel/nf-fltkernel-fltclose"
+    ),
+    export!(
+        "FltReadFileEx",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; an attached initiating instance (the read enters below it); an open file object; Buffer xor Mdl; sector-multiple offset and length for non-cached I/O; END_OF_FILE past the end",
+        "fltkernel/nf-fltkernel-fltreadfileex"
+    ),
+    export!(
+        "FltWriteFileEx",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "as FltReadFileEx, and no FILE_WRITE_TO_END_OF_FILE offset",
+        "fltkernel/nf-fltkernel-fltwritefileex"
+    ),
+    export!(
+        "ObfReferenceObject",
+        "ntoskrnl.exe",
+        "DISPATCH_LEVEL",
+        "IRQL; an object the model handed out",
+        "wdm/nf-wdm-obfreferenceobject"
+    ),
+    export!(
+        "ObfDereferenceObject",
+        "ntoskrnl.exe",
+        "DISPATCH_LEVEL",
+        "IRQL; an object the model handed out; the last reference sends IRP_MJ_CLOSE",
+        "wdm/nf-wdm-obdereferenceobject"
+    ),
+    export!(
+        "FltCompletePendedPreOperation",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL with COMPLETE, else APC_LEVEL",
+        "IRQL by status; SUCCESS_WITH_CALLBACK, SUCCESS_NO_CALLBACK or COMPLETE only; a context only with SUCCESS_WITH_CALLBACK; a pended operation completed once; the rest of the operation runs in the caller's context before it returns; never-completed operations are reported",
+        "fltkernel/nf-fltkernel-fltcompletependedpreoperation"
+    ),
+    export!(
+        "FltAllocateDeferredIoWorkItem",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; items not freed at unload are reported",
+        "fltkernel/nf-fltkernel-fltallocatedeferredioworkitem"
+    ),
+    export!(
+        "FltFreeDeferredIoWorkItem",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; an allocated item, freed once",
+        "fltkernel/nf-fltkernel-fltfreedeferredioworkitem"
+    ),
+    export!(
+        "FltQueueDeferredIoWorkItem",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; an allocated item; Critical or Delayed queue; STATUS_FLT_NOT_SAFE_TO_POST_OPERATION for non-IRP operations, paging I/O and a set top-level IRP; STATUS_FLT_DELETING_OBJECT for a torn-down instance; runs at PASSIVE_LEVEL on a system worker",
+        "fltkernel/nf-fltkernel-fltqueuedeferredioworkitem"
+    ),
+    export!(
+        "FltAllocateGenericWorkItem",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; items not freed at unload are reported",
+        "fltkernel/nf-fltkernel-fltallocategenericworkitem"
+    ),
+    export!(
+        "FltFreeGenericWorkItem",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; an allocated item, freed once",
+        "fltkernel/nf-fltkernel-fltfreegenericworkitem"
+    ),
+    export!(
+        "FltQueueGenericWorkItem",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; an allocated item; Critical or Delayed queue; a live filter or instance; runs at PASSIVE_LEVEL on a system worker",
+        "fltkernel/nf-fltkernel-fltqueuegenericworkitem"
+    ),
 ];
 
 /// Imports of a `no_std` driver that are compiler support, not kernel services: the model cannot export these

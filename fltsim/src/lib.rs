@@ -11,9 +11,11 @@
 //! Shunt and small test filters, correct or deliberately wrong. A driver's statics cannot be re-initialised in one
 //! process, so every scenario that loads a driver runs in its own process ([`isolate`]).
 //!
-//! Layout: [`kernel`] (threads and IRQL, pool, bugcheck), [`fltmgr`] (registration), [`registry`] and [`inf`]
-//! (the service key a driver's INF installs), [`loader`] (DriverEntry and unload), [`verifier`] (rules and
-//! reports), [`exports`] (the table of every exported routine with its rule and docs page).
+//! Layout: [`kernel`] (threads, IRQL and APC state, pool, processes and tokens, system workers, events and push
+//! locks, bugcheck), [`io`] (volumes, the model file system and the I/O manager), [`fltmgr`] (registration,
+//! instances, operation dispatch, filter-initiated I/O), [`registry`] and [`inf`] (the service key a driver's INF
+//! installs), [`loader`] (DriverEntry and unload), [`verifier`] (rules and reports), [`exports`] (the table of every
+//! exported routine with its rule and docs page).
 
 #![forbid(clippy::undocumented_unsafe_blocks, clippy::multiple_unsafe_ops_per_block)]
 

@@ -129,8 +129,11 @@ pub fn load(service: &str, entry: DriverEntryFn) -> Result<LoadedDriver, LoadErr
     let object_ptr = &raw const objects.object as usize;
     let path_ptr = &raw const objects.registry_path as usize;
     let status = thread::run_on_system_thread("System: DriverEntry", move || {
+        let before = thread::snapshot();
         // SAFETY: the pointers refer to `objects`, which outlives this call; `entry` is the driver's entry point.
-        unsafe { entry(object_ptr as *const DRIVER_OBJECT, path_ptr as *const UNICODE_STRING) }
+        let status = unsafe { entry(object_ptr as *const DRIVER_OBJECT, path_ptr as *const UNICODE_STRING) };
+        thread::check_balanced("DriverEntry", &before);
+        status
     })
     .map_err(LoadError::Thread)?;
     let mut driver = LoadedDriver { service: service.to_owned(), objects, pool_before, loaded: true };
@@ -173,8 +176,11 @@ impl LoadedDriver {
             let flags = if mandatory { FLTFL_FILTER_UNLOAD_MANDATORY } else { 0 };
             crate::fltmgr::instance::set_mandatory_unload(mandatory);
             let status = thread::run_on_system_thread("System: FilterUnload", move || {
+                let before = thread::snapshot();
                 // SAFETY: the driver registered this callback and is still loaded.
-                unsafe { callback(flags) }
+                let status = unsafe { callback(flags) };
+                thread::check_balanced("FilterUnloadCallback", &before);
+                status
             })
             .unwrap_or(-1);
             if status < 0 && !mandatory {
@@ -188,12 +194,19 @@ impl LoadedDriver {
 
     /// Reports a filter still registered and pool still allocated after the driver let go of everything.
     fn check_nothing_left(&self, after: &str) {
+        // FltUnregisterFilter runs the filter down: work the driver queued finishes before its leftovers are
+        // judged.
+        crate::kernel::work::drain();
         for filter in self.filters().into_iter().filter(|f| !f.unregistered) {
             verifier::report(
                 Rule::FilterNotUnregistered,
                 "FltUnregisterFilter",
                 format!("filter {:#x} of service {} is still registered after {after}", filter.handle, filter.service),
             );
+        }
+        for filter in self.filters() {
+            crate::fltmgr::fileio::report_leaks(filter.handle, after);
+            crate::fltmgr::pending::report_leaks(filter.handle, after);
         }
         for leak in pool::live().into_iter().filter(|a| !self.pool_before.contains(&a.address)) {
             verifier::report(

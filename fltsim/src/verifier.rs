@@ -34,8 +34,58 @@ pub enum Rule {
     InvalidFilterHandle,
     /// A filter was still registered after its unload callback returned success, or after `DriverEntry` failed.
     FilterNotUnregistered,
+    /// A pre-operation callback returned a value that is not an `FLT_PREOP_CALLBACK_STATUS`.
+    InvalidPreOpStatus,
+    /// `FLT_PREOP_SUCCESS_WITH_CALLBACK` or `FLT_PREOP_SYNCHRONIZE` for an operation with no post-operation callback.
+    PostOpMissing,
+    /// A completion context was set with a status other than `SUCCESS_WITH_CALLBACK` or `SYNCHRONIZE`.
+    CompletionContextNotAllowed,
+    /// `FLT_PREOP_COMPLETE` with `IoStatus.Status` set to `STATUS_PENDING`.
+    CompleteWithPending,
+    /// `FLT_PREOP_SYNCHRONIZE` for a create, or a fast-I/O-only status for an IRP operation.
+    StatusNotAllowedForOperation,
+    /// A post-operation callback returned a value that is not allowed.
+    InvalidPostOpStatus,
+    /// The driver used a Filter Manager feature the model does not implement yet; the operation fails.
+    UnsupportedByModel,
+    /// Filter-initiated I/O reached the initiating filter's own instance again.
+    ReentrantIo,
+    /// Operations issued from callbacks nested without end.
+    RecursiveIo,
+    /// A routine was given an argument its docs forbid.
+    InvalidArgument,
+    /// A routine that must not run with a top-level IRP set was called with one.
+    TopLevelIrpSet,
+    /// A routine that must not run with APCs disabled was called in a critical or guarded region or at APC_LEVEL.
+    ApcsDisabled,
+    /// A kernel-mode open on a user's behalf skipped the access check (no `IO_FORCE_ACCESS_CHECK`).
+    UncheckedOpenForUser,
+    /// A file handle or file object the driver opened was still open when it unloaded.
+    FileLeak,
+    /// A pre-operation returned `FLT_PREOP_PENDING` and was never completed.
+    PendedNeverCompleted,
+    /// A Filter Manager work item was still allocated when the driver unloaded.
+    WorkItemLeak,
     /// The driver called `KeBugCheckEx`.
     BugCheck,
+    /// `KeLeaveCriticalRegion` or `KeLeaveGuardedRegion` without a matching enter.
+    RegionLeaveWithoutEnter,
+    /// A driver callback (DriverEntry, unload, a work item) returned with another IRQL, critical or guarded region
+    /// depth, or top-level IRP than it was called with.
+    CallbackStateMismatch,
+    /// A filter called `IoSetTopLevelIrp`, which only file systems may call.
+    FilterSetTopLevelIrp,
+    /// A thread waited for a system worker while at APC_LEVEL or above, in a guarded region, or with a top-level IRP
+    /// set: the worker may need what the waiting thread holds (a deadlock hazard on the paging path).
+    WaitForWorkerInUnsafeContext,
+    /// A thread waited, with the APCs it needs disabled, for an event that only a special kernel APC to that thread
+    /// would signal: a deadlock.
+    WaitNeedsDisabledApc,
+    /// A kernel routine was given an object (event, push lock, process) the model never saw initialised, or one
+    /// that was deleted.
+    InvalidKernelObject,
+    /// A push lock was acquired recursively, released by a thread that does not hold it, or deleted while held.
+    PushLockMisuse,
     /// The model itself failed (a panic inside an export): a bug in fltsim, never in the driver.
     ModelFault,
 }
@@ -54,7 +104,30 @@ impl Rule {
             Self::RegistrationInvalid => "registration-invalid",
             Self::InvalidFilterHandle => "invalid-filter-handle",
             Self::FilterNotUnregistered => "filter-not-unregistered",
+            Self::InvalidPreOpStatus => "invalid-preop-status",
+            Self::PostOpMissing => "postop-missing",
+            Self::CompletionContextNotAllowed => "completion-context-not-allowed",
+            Self::CompleteWithPending => "complete-with-pending",
+            Self::StatusNotAllowedForOperation => "status-not-allowed-for-operation",
+            Self::InvalidPostOpStatus => "invalid-postop-status",
+            Self::UnsupportedByModel => "unsupported-by-model",
+            Self::ReentrantIo => "reentrant-io",
+            Self::RecursiveIo => "recursive-io",
+            Self::InvalidArgument => "invalid-argument",
+            Self::TopLevelIrpSet => "top-level-irp-set",
+            Self::ApcsDisabled => "apcs-disabled",
+            Self::UncheckedOpenForUser => "unchecked-open-for-user",
+            Self::FileLeak => "file-leak",
+            Self::PendedNeverCompleted => "pended-never-completed",
+            Self::WorkItemLeak => "work-item-leak",
             Self::BugCheck => "bugcheck",
+            Self::RegionLeaveWithoutEnter => "region-leave-without-enter",
+            Self::CallbackStateMismatch => "callback-state-mismatch",
+            Self::FilterSetTopLevelIrp => "filter-set-top-level-irp",
+            Self::WaitForWorkerInUnsafeContext => "wait-for-worker-in-unsafe-context",
+            Self::WaitNeedsDisabledApc => "wait-needs-disabled-apc",
+            Self::InvalidKernelObject => "invalid-kernel-object",
+            Self::PushLockMisuse => "push-lock-misuse",
             Self::ModelFault => "model-fault",
         }
     }
@@ -80,7 +153,49 @@ impl Rule {
             Self::FilterNotUnregistered => {
                 "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_filter_unload_callback"
             }
+            Self::InvalidPreOpStatus
+            | Self::PostOpMissing
+            | Self::CompletionContextNotAllowed
+            | Self::CompleteWithPending
+            | Self::StatusNotAllowedForOperation => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_pre_operation_callback"
+            }
+            Self::InvalidPostOpStatus => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_post_operation_callback"
+            }
+            Self::UnsupportedByModel => "fltsim/README.md#not-modelled-yet",
+            Self::ReentrantIo | Self::TopLevelIrpSet | Self::ApcsDisabled => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltcreatefileex2"
+            }
+            Self::UncheckedOpenForUser => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/ntddk/nf-ntddk-iocreatefileex"
+            }
+            Self::FileLeak | Self::WorkItemLeak | Self::RecursiveIo | Self::InvalidArgument => {
+                "https://learn.microsoft.com/windows-hardware/drivers/devtest/file-system-filter-verification"
+            }
+            Self::PendedNeverCompleted => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ifs/pending-an-i-o-operation-in-a-preoperation-callback-routine"
+            }
             Self::BugCheck => "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-kebugcheckex",
+            Self::RegionLeaveWithoutEnter => {
+                "https://learn.microsoft.com/windows-hardware/drivers/kernel/critical-regions-and-guarded-regions"
+            }
+            Self::CallbackStateMismatch => {
+                "https://learn.microsoft.com/windows-hardware/drivers/debugger/bug-check-0x1--apc-index-mismatch"
+            }
+            Self::FilterSetTopLevelIrp => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-iosettoplevelirp"
+            }
+            Self::WaitForWorkerInUnsafeContext => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltqueuedeferredioworkitem"
+            }
+            Self::WaitNeedsDisabledApc => "https://learn.microsoft.com/windows-hardware/drivers/kernel/types-of-apcs",
+            Self::InvalidKernelObject => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-kewaitforsingleobject"
+            }
+            Self::PushLockMisuse => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltacquirepushlockexclusive"
+            }
             Self::ModelFault => "fltsim/README.md",
         }
     }

@@ -187,3 +187,36 @@ scenario! {
         assert!(reports.is_empty(), "{reports:#?}");
     }
 }
+
+scenario! {
+    /// With Shunt loaded and no policy, a program's create, read, write and close pass through Shunt to the file
+    /// system unchanged, and Shunt breaks no rule on the way.
+    fn file_access_passes_through_shunt_untouched() {
+        use fltsim::io::{self, VolumeSpec, iomgr};
+        use windows_sys::Win32::{
+            Foundation::STATUS_OBJECT_NAME_NOT_FOUND,
+            Storage::FileSystem::{FILE_READ_DATA, FILE_WRITE_DATA},
+        };
+
+        let root = std::env::temp_dir().join(format!("shunt-seam-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("Apps")).expect("volume root");
+        std::fs::write(root.join("Apps").join("settings.ini"), b"[legacy]\nmode=1\n").expect("seed file");
+        io::mount(VolumeSpec::ntfs('C', &root));
+        install_shunt_inf();
+        let mut driver = fltsim::load(shunt::SERVICE_NAME, shunt::DriverEntry).expect("load");
+
+        let params = iomgr::OpenParams { desired_access: FILE_READ_DATA | FILE_WRITE_DATA, ..Default::default() };
+        let handle = iomgr::create(r"C:\apps\SETTINGS.ini", &params).expect("open through Shunt");
+        assert_eq!(iomgr::read(&handle, None, 64).expect("read"), b"[legacy]\nmode=1\n");
+        iomgr::write(&handle, Some(14), b"2").expect("write");
+        iomgr::close(handle);
+        assert_eq!(std::fs::read(root.join("Apps").join("settings.ini")).expect("host"), b"[legacy]\nmode=2\n");
+        assert_eq!(iomgr::create(r"C:\apps\missing.ini", &params), Err(STATUS_OBJECT_NAME_NOT_FOUND));
+
+        driver.unload(false).expect("unload");
+        let reports = verifier::take_reports();
+        assert!(reports.is_empty(), "{reports:#?}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}

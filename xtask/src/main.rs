@@ -8,6 +8,8 @@
 mod build;
 mod ci;
 mod package;
+mod scripts;
+mod sign;
 
 use std::path::PathBuf;
 
@@ -24,9 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build shunt.sys for x64 and ARM64 into target/driver/<arch>/.
+    /// Build shunt.sys for x64 and ARM64 into target/driver/{x64,arm64}/.
     BuildDriver,
-    /// Build, test-sign and package the driver and shuntctl into dist/shunt-<arch>/.
+    /// Build, test-sign and package the driver and shuntctl into dist/shunt-{x64,arm64}/.
     Package,
     /// Run every check CI runs: fmt, clippy (host, x64, ARM64), docs, drivers, package, tests.
     Ci,

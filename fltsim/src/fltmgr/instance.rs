@@ -63,7 +63,7 @@ pub fn instances() -> Vec<InstanceRecord> {
 #[must_use]
 pub fn attached_on(volume: PFLT_VOLUME) -> Vec<InstanceRecord> {
     let mut on: Vec<InstanceRecord> = records().iter().filter(|i| i.volume == volume && i.attached).cloned().collect();
-    on.sort_by(|a, b| altitude_key(&b.altitude).cmp(&altitude_key(&a.altitude)));
+    on.sort_by_key(|i| std::cmp::Reverse(altitude_key(&i.altitude)));
     on
 }
 
@@ -143,9 +143,8 @@ pub(crate) fn attach_started_filters(volume: &Volume) {
 
 fn tear_down(filter: &FilterRecord, instance: &InstanceRecord, reason: u32) {
     let objects = related(filter.handle, instance.volume, instance.handle);
-    for callback in [filter.callbacks.instance_teardown_start, filter.callbacks.instance_teardown_complete]
-        .into_iter()
-        .flatten()
+    for callback in
+        [filter.callbacks.instance_teardown_start, filter.callbacks.instance_teardown_complete].into_iter().flatten()
     {
         // SAFETY: the driver registered this callback and is loaded; `objects` lives for the call.
         unsafe { callback(&raw const objects, reason) };

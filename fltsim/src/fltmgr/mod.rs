@@ -1,6 +1,10 @@
 //! The Filter Manager model: registration of minifilters, their instances on volumes, starting and stopping them.
 
+pub mod dispatch;
+pub mod fileio;
 pub mod instance;
+pub mod pending;
+pub mod query;
 pub mod registration;
 
 pub use registration::{FilterRecord, InstanceDefinition, OperationRecord, filters};

@@ -10,7 +10,7 @@ use windows_sys::{
             FLT_CONTEXT_END, FLT_CONTEXT_REGISTRATION, FLT_OPERATION_REGISTRATION, FLT_REGISTRATION,
             FLT_REGISTRATION_VERSION_0200, FLT_REGISTRATION_VERSION_0203, IRP_MJ_OPERATION_END, PFLT_FILTER,
             PFLT_FILTER_UNLOAD_CALLBACK, PFLT_INSTANCE_QUERY_TEARDOWN_CALLBACK, PFLT_INSTANCE_SETUP_CALLBACK,
-            PFLT_INSTANCE_TEARDOWN_CALLBACK,
+            PFLT_INSTANCE_TEARDOWN_CALLBACK, PFLT_POST_OPERATION_CALLBACK, PFLT_PRE_OPERATION_CALLBACK,
         },
     },
     Win32::Foundation::{
@@ -107,6 +107,7 @@ pub struct FilterRecord {
     /// Whether `FltUnregisterFilter` was called.
     pub unregistered: bool,
     pub(crate) callbacks: Callbacks,
+    pub(crate) operation_callbacks: Vec<OperationCallbacks>,
 }
 
 /// The callbacks of a registration, kept to call them.
@@ -117,6 +118,14 @@ pub(crate) struct Callbacks {
     pub(crate) instance_query_teardown: PFLT_INSTANCE_QUERY_TEARDOWN_CALLBACK,
     pub(crate) instance_teardown_start: PFLT_INSTANCE_TEARDOWN_CALLBACK,
     pub(crate) instance_teardown_complete: PFLT_INSTANCE_TEARDOWN_CALLBACK,
+}
+
+/// The callbacks registered for one operation, kept to call them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OperationCallbacks {
+    pub(crate) major: u8,
+    pub(crate) pre: PFLT_PRE_OPERATION_CALLBACK,
+    pub(crate) post: PFLT_POST_OPERATION_CALLBACK,
 }
 
 static FILTERS: Mutex<Vec<FilterRecord>> = Mutex::new(Vec::new());
@@ -162,9 +171,11 @@ fn valid_major(major: u8) -> bool {
 ///
 /// # Safety
 /// `table` must be null or point to an array of registrations that the driver keeps alive.
-unsafe fn read_operations(table: *const FLT_OPERATION_REGISTRATION) -> Result<Vec<OperationRecord>, String> {
+unsafe fn read_operations(
+    table: *const FLT_OPERATION_REGISTRATION,
+) -> Result<(Vec<OperationRecord>, Vec<OperationCallbacks>), String> {
     if table.is_null() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     // Find the terminator first, reading no further than a real table could reach.
     let mut entries: Vec<&FLT_OPERATION_REGISTRATION> = Vec::new();
@@ -180,6 +191,7 @@ unsafe fn read_operations(table: *const FLT_OPERATION_REGISTRATION) -> Result<Ve
         return Err(format!("no IRP_MJ_OPERATION_END within {MAX_OPERATIONS} entries"));
     }
     let mut out: Vec<OperationRecord> = Vec::new();
+    let mut callbacks = Vec::new();
     for (index, entry) in entries.into_iter().enumerate() {
         if !valid_major(entry.MajorFunction) {
             return Err(format!("entry {index}: {:#04x} is not a major function code", entry.MajorFunction));
@@ -197,8 +209,13 @@ unsafe fn read_operations(table: *const FLT_OPERATION_REGISTRATION) -> Result<Ve
             pre: entry.PreOperation.is_some(),
             post: entry.PostOperation.is_some(),
         });
+        callbacks.push(OperationCallbacks {
+            major: entry.MajorFunction,
+            pre: entry.PreOperation,
+            post: entry.PostOperation,
+        });
     }
-    Ok(out)
+    Ok((out, callbacks))
 }
 
 /// Reads the context registration table.
@@ -289,7 +306,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
             return invalid(format!("unknown FLTFL_REGISTRATION flags {:#x}", reg.Flags));
         }
         // SAFETY: the driver keeps its operation table alive for its lifetime.
-        let operations = match unsafe { read_operations(reg.OperationRegistration) } {
+        let (operations, operation_callbacks) = match unsafe { read_operations(reg.OperationRegistration) } {
             Ok(ops) => ops,
             Err(why) => return invalid(format!("OperationRegistration: {why}")),
         };
@@ -339,6 +356,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
                 instance_teardown_start: reg.InstanceTeardownStartCallback,
                 instance_teardown_complete: reg.InstanceTeardownCompleteCallback,
             },
+            operation_callbacks,
         });
         // SAFETY: checked non-NULL; the driver passes a place for the handle.
         unsafe { ret_filter.write(handle) };

@@ -63,6 +63,7 @@ fn all() -> MutexGuard<'static, Vec<Volume>> {
 }
 
 /// Mounts a volume and attaches the instances of every started filter to it, as a newly mounted volume.
+#[expect(clippy::must_use_candidate, reason = "mounting is done for its effect; callers often ignore the volume")]
 pub fn mount(spec: VolumeSpec) -> Volume {
     let volume = {
         let mut volumes = all();

@@ -1,8 +1,13 @@
-//! The kernel model: simulated threads with their IRQL and APC state, pool, and bugchecks.
+//! The kernel model: simulated threads with their IRQL and APC state, pool, bugchecks, processes and tokens,
+//! system worker threads, events and push locks.
 
+pub mod apc;
 pub mod bugcheck;
 pub mod pool;
+pub mod process;
+pub mod sync;
 pub mod thread;
+pub mod work;
 
 /// IRQL values (wdm.h).
 pub mod irql {

@@ -2,7 +2,7 @@
 //! critical- and guarded-region counts and a top-level IRP.
 //!
 //! A host thread the model has not seen before is adopted as a system thread at PASSIVE_LEVEL, which is what a
-//! test's own thread and the loader's thread are. [`spawn_system`] starts a fresh system thread on a kernel-sized
+//! test's own thread and the loader's thread are. [`run_on_system_thread`] runs a closure on a fresh system thread on a kernel-sized
 //! stack.
 
 use std::{cell::RefCell, io, thread};
@@ -61,6 +61,94 @@ pub fn snapshot() -> ThreadSnapshot {
 #[must_use]
 pub fn current_irql() -> u8 {
     CURRENT.with(|t| t.borrow().irql)
+}
+
+/// Runs `f` with the current thread's state replaced by `state`, then restores it: how the model continues an
+/// operation "in" another thread, such as the system worker that completed a pended operation (the driver sees
+/// that thread's IRQL, regions, top-level IRP and name).
+pub fn as_thread<T>(state: ThreadSnapshot, f: impl FnOnce() -> T) -> T {
+    let previous = CURRENT.with(|t| t.replace(state));
+    let result = f();
+    CURRENT.with(|t| *t.borrow_mut() = previous);
+    result
+}
+
+/// Changes the current thread's state. For the model's own exports and helpers.
+pub(crate) fn update<T>(f: impl FnOnce(&mut ThreadSnapshot) -> T) -> T {
+    CURRENT.with(|t| f(&mut t.borrow_mut()))
+}
+
+/// Runs `f` inside a critical region (normal kernel APCs off), as `KeEnterCriticalRegion` /
+/// `KeLeaveCriticalRegion` around it would. For tests that put a driver in that context.
+pub fn in_critical_region<T>(f: impl FnOnce() -> T) -> T {
+    update(|t| t.critical_regions += 1);
+    let result = f();
+    update(|t| t.critical_regions = t.critical_regions.saturating_sub(1));
+    result
+}
+
+/// Runs `f` inside a guarded region (all kernel APCs off, IRQL unchanged), as `KeEnterGuardedRegion` /
+/// `KeLeaveGuardedRegion` around it would. For tests that put a driver in that context.
+pub fn in_guarded_region<T>(f: impl FnOnce() -> T) -> T {
+    update(|t| t.guarded_regions += 1);
+    let result = f();
+    update(|t| t.guarded_regions = t.guarded_regions.saturating_sub(1));
+    result
+}
+
+/// Runs `f` with the current thread's top-level IRP set to `value` (an IRP address or an `FSRTL_*_TOP_LEVEL_IRP`
+/// value), restoring the previous value afterwards, as a file system, the cache manager or the modified page
+/// writer does around the I/O it issues.
+///
+/// This is the model's own way to set the top-level IRP. The `IoSetTopLevelIrp` export exists only for driver
+/// code, and the model reports every call to it ([`verifier::Rule::FilterSetTopLevelIrp`]): Shunt and the test
+/// filters are filters, which must not call it.
+pub fn with_top_level_irp<T>(value: usize, f: impl FnOnce() -> T) -> T {
+    let previous = update(|t| std::mem::replace(&mut t.top_level_irp, value));
+    let result = f();
+    update(|t| t.top_level_irp = previous);
+    result
+}
+
+/// Reports [`verifier::Rule::CallbackStateMismatch`] when the current thread's IRQL, critical or guarded region
+/// depth, or top-level IRP differ from `before` now that the driver callback `api` has returned, then restores
+/// the state of `before` so later checks start clean.
+///
+/// Windows checks the APC-disable counts when a system call or a worker routine returns and bugchecks with
+/// `APC_INDEX_MISMATCH` (0x1) when a driver left a critical or guarded region entered, or left one it never
+/// entered; Driver Verifier's `CriticalRegions` and `GuardedRegions` rules require the driver to leave every region
+/// before it returns. Comparing the IRQL and the top-level IRP too is stricter than those documents: a callback
+/// that returns at another IRQL, or with a top-level IRP it set, breaks its caller the same way.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/debugger/bug-check-0x1--apc-index-mismatch>.
+pub fn check_balanced(api: &'static str, before: &ThreadSnapshot) {
+    let now = snapshot();
+    let mut wrong = Vec::new();
+    if now.irql != before.irql {
+        wrong.push(format!("IRQL {} (was {})", irql::name(now.irql), irql::name(before.irql)));
+    }
+    if now.critical_regions != before.critical_regions {
+        wrong.push(format!("critical regions {} (was {})", now.critical_regions, before.critical_regions));
+    }
+    if now.guarded_regions != before.guarded_regions {
+        wrong.push(format!("guarded regions {} (was {})", now.guarded_regions, before.guarded_regions));
+    }
+    if now.top_level_irp != before.top_level_irp {
+        wrong.push(format!("top-level IRP {:#x} (was {:#x})", now.top_level_irp, before.top_level_irp));
+    }
+    if wrong.is_empty() {
+        return;
+    }
+    verifier::report(
+        verifier::Rule::CallbackStateMismatch,
+        api,
+        format!("the callback returned with {}", wrong.join(", ")),
+    );
+    update(|t| {
+        t.irql = before.irql;
+        t.critical_regions = before.critical_regions;
+        t.guarded_regions = before.guarded_regions;
+        t.top_level_irp = before.top_level_irp;
+    });
 }
 
 /// Runs `f` with the current thread raised (or lowered) to `level`, restoring the previous IRQL afterwards, as

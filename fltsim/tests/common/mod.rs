@@ -4,6 +4,8 @@
 //! picks a [`Fault`] before loading it, and the filter commits exactly that fault.
 #![allow(dead_code, reason = "each test binary uses a different part of the test filter")]
 
+pub mod kernel_filter;
+
 use std::{
     ffi::c_void,
     ptr::null_mut,
@@ -28,7 +30,7 @@ pub const SERVICE: &str = "fltsimtest";
 /// The pool tag the test filter allocates with.
 pub const TAG: u32 = u32::from_le_bytes(*b"FsTf");
 
-/// POOL_FLAG_NON_PAGED.
+/// `POOL_FLAG_NON_PAGED`.
 pub const NON_PAGED: u64 = 0x40;
 
 /// What the test filter does wrong.
@@ -47,13 +49,13 @@ pub enum Fault {
     ZeroTag,
     /// Keeps its pool at unload.
     LeakAtUnload,
-    /// Returns success from unload without calling FltUnregisterFilter.
+    /// Returns success from unload without calling `FltUnregisterFilter`.
     UnloadWithoutUnregister,
     /// Fails DriverEntry after registering, without unregistering.
     FailEntryStillRegistered,
     /// Registers a table whose Size is wrong.
     WrongRegistrationSize,
-    /// Registers an operation table with no IRP_MJ_OPERATION_END.
+    /// Registers an operation table with no `IRP_MJ_OPERATION_END`.
     NoOperationTerminator,
     /// Starts filtering with a handle that is not a filter.
     StartBogusHandle,
@@ -103,7 +105,7 @@ const fn operation(major: u8) -> FLT_OPERATION_REGISTRATION {
 const END: u8 = IRP_MJ_OPERATION_END as u8;
 
 static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> = Table([operation(0), operation(END)]);
-/// 256 IRP_MJ_CREATE entries and no terminator.
+/// 256 `IRP_MJ_CREATE` entries and no terminator.
 static UNTERMINATED: Table<[FLT_OPERATION_REGISTRATION; 256]> = Table([operation(0); 256]);
 
 const fn registration(operations: *const FLT_OPERATION_REGISTRATION, size: u16) -> FLT_REGISTRATION {
@@ -165,26 +167,29 @@ pub unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: 
     STATUS_SUCCESS
 }
 
+/// Frees `pool` with `tag`; the model checks both, which is what these tests exercise.
+fn free(pool: *mut c_void, tag: u32) {
+    // SAFETY: any pointer and tag may be passed: the model reports what is wrong instead of freeing.
+    unsafe { ExFreePoolWithTag(pool, tag) };
+}
+
 unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
     let pool = POOL.load(Ordering::SeqCst) as *mut c_void;
-    // SAFETY: in each case the model checks the pointer and tag, which is what these tests exercise.
-    unsafe {
-        match fault() {
-            Fault::LeakAtUnload | Fault::ZeroTag => {}
-            Fault::DoubleFree => {
-                ExFreePoolWithTag(pool, TAG);
-                ExFreePoolWithTag(pool, TAG);
-            }
-            Fault::FreeNotAllocated => {
-                ExFreePoolWithTag(pool, TAG);
-                ExFreePoolWithTag(0x5000 as *mut c_void, TAG);
-            }
-            Fault::TagMismatch => {
-                ExFreePoolWithTag(pool, u32::from_le_bytes(*b"Oops"));
-                ExFreePoolWithTag(pool, TAG);
-            }
-            _ => ExFreePoolWithTag(pool, TAG),
+    match fault() {
+        Fault::LeakAtUnload | Fault::ZeroTag => {}
+        Fault::DoubleFree => {
+            free(pool, TAG);
+            free(pool, TAG);
         }
+        Fault::FreeNotAllocated => {
+            free(pool, TAG);
+            free(0x5000 as *mut c_void, TAG);
+        }
+        Fault::TagMismatch => {
+            free(pool, u32::from_le_bytes(*b"Oops"));
+            free(pool, TAG);
+        }
+        _ => free(pool, TAG),
     }
     if fault() != Fault::UnloadWithoutUnregister {
         // SAFETY: the handle FltRegisterFilter returned.

@@ -1,0 +1,507 @@
+//! Filter-initiated file I/O: `FltCreateFileEx2`, `FltClose`, `FltReadFileEx`, `FltWriteFileEx` and the object
+//! references of the file objects they hand out (`ObfReferenceObject`, `ObfDereferenceObject`).
+//!
+//! The create and every read and write on its file object enter the volume's stack *below* the given instance, so
+//! only lower filters and the file system see them; with a NULL instance the create enters at the top. I/O that
+//! reaches the initiating filter's own instance is reported ([`Rule::ReentrantIo`], in
+//! [`super::dispatch`]). Handles and file objects a driver opened and did not release are reported when it
+//! unloads (`report_leaks`).
+
+use std::{
+    collections::BTreeMap,
+    ffi::c_void,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use windows_sys::{
+    Wdk::{
+        Foundation::{FILE_OBJECT, MDL, OBJECT_ATTRIBUTES},
+        Storage::FileSystem::Minifilters::{
+            FLTFL_IO_OPERATION_DO_NOT_UPDATE_BYTE_OFFSET, FLTFL_IO_OPERATION_NON_CACHED,
+            PFLT_COMPLETED_ASYNC_IO_CALLBACK, PFLT_FILTER, PFLT_INSTANCE,
+        },
+        System::SystemServices::{IO_DRIVER_CREATE_CONTEXT, IO_FORCE_ACCESS_CHECK},
+    },
+    Win32::{
+        Foundation::{
+            HANDLE, NTSTATUS, OBJ_KERNEL_HANDLE, STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER,
+            STATUS_NOT_IMPLEMENTED, STATUS_OBJECT_PATH_NOT_FOUND, STATUS_SUCCESS, UNICODE_STRING,
+        },
+        System::IO::IO_STATUS_BLOCK,
+    },
+};
+
+use super::{
+    dispatch::{Origin, callback_frames},
+    instance::instances,
+    registration::filters,
+};
+use crate::{
+    guard::guarded,
+    io::{Volume, iomgr, volumes},
+    kernel::{irql, thread},
+    verifier::{self, Rule},
+};
+
+const FLTCREATEFILEEX2: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltcreatefileex2";
+const FLTCLOSE: &str = "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltclose";
+const FLTREADFILEEX: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltreadfileex";
+const FLTWRITEFILEEX: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltwritefileex";
+const OBDEREFERENCEOBJECT: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-obdereferenceobject";
+
+/// `FILE_WRITE_TO_END_OF_FILE` as a 64-bit byte offset (LowPart 0xFFFFFFFF, HighPart -1).
+const WRITE_TO_END_OF_FILE: i64 = -1;
+
+struct KernelHandles {
+    next: usize,
+    /// Handle value → (model open, the filter that opened it).
+    handles: BTreeMap<usize, (u64, PFLT_FILTER)>,
+}
+
+static HANDLES: Mutex<Option<KernelHandles>> = Mutex::new(None);
+
+fn handles() -> MutexGuard<'static, Option<KernelHandles>> {
+    HANDLES.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn with_handles<T>(f: impl FnOnce(&mut KernelHandles) -> T) -> T {
+    f(handles().get_or_insert_with(|| KernelHandles { next: 0, handles: BTreeMap::new() }))
+}
+
+/// Reads a `UNICODE_STRING` a driver passed.
+///
+/// # Safety
+/// `s` must be NULL or point to a valid `UNICODE_STRING` whose buffer holds `Length` bytes.
+unsafe fn read_unicode(s: *const UNICODE_STRING) -> Option<String> {
+    // SAFETY: the caller guarantees `s` is NULL or valid.
+    let s = unsafe { s.as_ref() }?;
+    if s.Buffer.is_null() {
+        return None;
+    }
+    // SAFETY: the buffer holds `Length` bytes, i.e. `Length / 2` UTF-16 units.
+    let units = unsafe { std::slice::from_raw_parts(s.Buffer, usize::from(s.Length / 2)) };
+    Some(String::from_utf16_lossy(units))
+}
+
+/// Resolves a kernel object name (`\??\C:\dir\file`, `\DosDevices\C:\...`, `\Device\HarddiskVolumeN\...`,
+/// `\??\Volume{GUID}\...`) to a volume and the path within it.
+pub(crate) fn resolve_object_name(name: &str) -> Result<(Volume, String), NTSTATUS> {
+    let lower = name.to_ascii_lowercase();
+    let rest_after = |prefix_len: usize| name.get(prefix_len..).unwrap_or("");
+    for volume in volumes() {
+        let device = volume.device_name.to_ascii_lowercase();
+        let guid = volume.guid_name.to_ascii_lowercase();
+        for prefix in [device, guid] {
+            if lower.starts_with(&prefix) && matches!(lower.as_bytes().get(prefix.len()), None | Some(b'\\')) {
+                let rest = rest_after(prefix.len());
+                return Ok((volume, if rest.is_empty() { "\\".to_owned() } else { rest.to_owned() }));
+            }
+        }
+        if let Some(letter) = volume.spec.drive_letter {
+            for dos in ["\\??\\", "\\dosdevices\\", "\\global??\\"] {
+                let prefix = format!("{dos}{}:", letter.to_ascii_lowercase());
+                if lower.starts_with(&prefix) {
+                    let rest = rest_after(prefix.len());
+                    return Ok((volume, if rest.is_empty() { "\\".to_owned() } else { rest.to_owned() }));
+                }
+            }
+        }
+    }
+    Err(STATUS_OBJECT_PATH_NOT_FOUND)
+}
+
+fn instance_filter(instance: PFLT_INSTANCE) -> Option<(PFLT_FILTER, isize)> {
+    instances().into_iter().find(|i| i.handle == instance && i.attached).map(|i| (i.filter, i.volume))
+}
+
+fn invalid(api: &'static str, why: String) -> NTSTATUS {
+    verifier::report(Rule::InvalidArgument, api, why);
+    STATUS_INVALID_PARAMETER
+}
+
+/// The context checks of the routines that enter a file system: PASSIVE_LEVEL for all of them; for creates also no
+/// top-level IRP and APCs enabled, which the create pages document. Returns whether the IRQL allows the call.
+fn check_context(api: &'static str, docs: &'static str, create_rules: bool) -> bool {
+    if !thread::require_irql_at_most(api, irql::PASSIVE, docs) {
+        return false;
+    }
+    let state = thread::snapshot();
+    if create_rules && state.top_level_irp != 0 {
+        verifier::report(
+            Rule::TopLevelIrpSet,
+            api,
+            "called while IoGetTopLevelIrp() is non-NULL: the thread may hold file-system resources, which can \
+             deadlock the system",
+        );
+    }
+    if create_rules && (state.all_apcs_disabled() || state.apcs_disabled()) {
+        verifier::report(
+            Rule::ApcsDisabled,
+            api,
+            "called with APCs disabled (critical or guarded region, or APC_LEVEL); FltCreateFile's page forbids \
+             it, and the model applies it to FltCreateFileEx2 too (stricter than documented for Ex2)",
+        );
+    }
+    true
+}
+
+/// `FltCreateFileEx2`.
+///
+/// Rules: PASSIVE_LEVEL; not while a top-level IRP is set; not with APCs disabled (documented for FltCreateFile;
+/// applied to Ex2 too, stricter, said so); `Instance`, when given, is an attached instance of `Filter` on the
+/// volume named; `OBJ_KERNEL_HANDLE` in the object attributes (the docs require it outside the System process;
+/// the model requires it always, stricter); a create on behalf of a user-mode request (called from a callback for
+/// one) must ask for `IO_FORCE_ACCESS_CHECK`. The create enters below `Instance` (at the top when NULL).
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltcreatefileex2>.
+///
+/// # Safety
+/// Called by driver code with the pointers it has; the model reads them as Filter Manager would.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltCreateFileEx2(
+    filter: PFLT_FILTER,
+    instance: PFLT_INSTANCE,
+    file_handle: *mut HANDLE,
+    file_object: *mut *mut FILE_OBJECT,
+    desired_access: u32,
+    object_attributes: *const OBJECT_ATTRIBUTES,
+    io_status: *mut IO_STATUS_BLOCK,
+    _allocation_size: *const i64,
+    file_attributes: u32,
+    share_access: u32,
+    create_disposition: u32,
+    create_options: u32,
+    _ea_buffer: *const c_void,
+    _ea_length: u32,
+    flags: u32,
+    _driver_context: *const IO_DRIVER_CREATE_CONTEXT,
+) -> NTSTATUS {
+    const API: &str = "FltCreateFileEx2";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        if !check_context(API, FLTCREATEFILEEX2, true) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        if !filters().iter().any(|f| f.handle == filter && !f.unregistered) {
+            return invalid(API, format!("Filter {filter:#x} is not a registered filter"));
+        }
+        let instance_volume = if instance == 0 {
+            None
+        } else {
+            match instance_filter(instance) {
+                Some((owner, volume)) if owner == filter => Some(volume),
+                _ => return invalid(API, format!("Instance {instance:#x} is not an attached instance of the filter")),
+            }
+        };
+        if file_handle.is_null() || object_attributes.is_null() {
+            return invalid(API, "FileHandle and ObjectAttributes must not be NULL".to_owned());
+        }
+        // SAFETY: checked non-NULL; the driver passes initialised object attributes.
+        let attributes = unsafe { &*object_attributes };
+        if attributes.Attributes & OBJ_KERNEL_HANDLE == 0 {
+            verifier::report(
+                Rule::InvalidArgument,
+                API,
+                "ObjectAttributes without OBJ_KERNEL_HANDLE: the handle would be a user handle of the current \
+                 process (the model requires the flag always, stricter than documented)",
+            );
+        }
+        if flags & IO_FORCE_ACCESS_CHECK == 0 && callback_frames().last().is_some_and(|f| f.user_request) {
+            verifier::report(
+                Rule::UncheckedOpenForUser,
+                API,
+                "a create issued from a callback for a user-mode request without IO_FORCE_ACCESS_CHECK: the kernel \
+                 skips the access check, so the user could reach a file it may not open",
+            );
+        }
+        // SAFETY: the object attributes' name is NULL or a valid UNICODE_STRING.
+        let Some(name) = (unsafe { read_unicode(attributes.ObjectName) }) else {
+            return invalid(API, "ObjectAttributes has no ObjectName".to_owned());
+        };
+        let (volume, within) = match resolve_object_name(&name) {
+            Ok(found) => found,
+            Err(status) => return status,
+        };
+        if instance_volume.is_some_and(|v| v != volume.handle) {
+            return invalid(API, format!("{name} is not on the volume of Instance {instance:#x}"));
+        }
+        let params = iomgr::OpenParams {
+            desired_access,
+            share_access,
+            disposition: create_disposition,
+            options: create_options,
+            file_attributes,
+            case_sensitive: false,
+            kernel_mode: true,
+            force_access_check: flags & IO_FORCE_ACCESS_CHECK != 0,
+        };
+        let origin = Origin { initiator: Some(filter), below: (instance != 0).then_some(instance) };
+        let references = if file_object.is_null() { 1 } else { 2 };
+        let result = iomgr::create_on(&volume, &within, &params, origin, references);
+        let (status, information) = match &result {
+            Ok(_) => (STATUS_SUCCESS, 1),
+            Err(status) => (*status, 0),
+        };
+        if let Some(status_block) = (!io_status.is_null()).then_some(io_status) {
+            // SAFETY: the driver passes a valid IO_STATUS_BLOCK.
+            unsafe {
+                status_block.write(IO_STATUS_BLOCK {
+                    Anonymous: windows_sys::Win32::System::IO::IO_STATUS_BLOCK_0 { Status: status },
+                    Information: information,
+                });
+            }
+        }
+        let Ok(handle) = result else { return status };
+        let value = with_handles(|h| {
+            h.next = h.next.saturating_add(4);
+            let value = 0xFFFF_8000_0000_0000_usize | h.next;
+            h.handles.insert(value, (handle.id(), filter));
+            value
+        });
+        // SAFETY: checked non-NULL; the driver passes a place for the handle.
+        unsafe { file_handle.write(value as HANDLE) };
+        if !file_object.is_null() {
+            // SAFETY: the driver passes a place for the referenced file object.
+            unsafe { file_object.write(handle.file_object().cast_mut()) };
+        }
+        STATUS_SUCCESS
+    })
+}
+
+/// `FltClose`: PASSIVE_LEVEL; a handle from `FltCreateFile*`, closed once (sends `IRP_MJ_CLEANUP`).
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltclose>.
+#[unsafe(no_mangle)]
+pub extern "system" fn FltClose(file_handle: HANDLE) -> NTSTATUS {
+    const API: &str = "FltClose";
+    guarded(API, STATUS_INVALID_HANDLE, || {
+        if !thread::require_irql_at_most(API, irql::PASSIVE, FLTCLOSE) {
+            return STATUS_INVALID_HANDLE;
+        }
+        let Some((id, _)) = with_handles(|h| h.handles.remove(&(file_handle as usize))) else {
+            verifier::report(Rule::InvalidArgument, API, format!("{file_handle:?} is not an open kernel file handle"));
+            return STATUS_INVALID_HANDLE;
+        };
+        iomgr::close_handle(&iomgr::Handle::from_id(id));
+        STATUS_SUCCESS
+    })
+}
+
+fn object_handle(api: &'static str, object: *const c_void) -> Option<iomgr::Handle> {
+    let handle = iomgr::handle_of(object.cast());
+    if handle.is_none() {
+        verifier::report(Rule::InvalidArgument, api, format!("{object:?} is not an object the model handed out"));
+    }
+    handle
+}
+
+/// `ObfReferenceObject` (`ObReferenceObject`): ≤ DISPATCH_LEVEL; adds a reference to a file object.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-obfreferenceobject>.
+#[unsafe(no_mangle)]
+pub extern "system" fn ObfReferenceObject(object: *const c_void) -> isize {
+    const API: &str = "ObfReferenceObject";
+    guarded(API, 0, || {
+        if thread::require_irql_at_most(API, irql::DISPATCH, OBDEREFERENCEOBJECT)
+            && let Some(handle) = object_handle(API, object)
+        {
+            iomgr::reference(&handle);
+        }
+        0
+    })
+}
+
+/// `ObfDereferenceObject` (`ObDereferenceObject`): ≤ DISPATCH_LEVEL; drops a reference, and the last one closes
+/// the file object (`IRP_MJ_CLOSE`).
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-obdereferenceobject>.
+#[unsafe(no_mangle)]
+pub extern "system" fn ObfDereferenceObject(object: *const c_void) -> isize {
+    const API: &str = "ObfDereferenceObject";
+    guarded(API, 0, || {
+        if thread::require_irql_at_most(API, irql::DISPATCH, OBDEREFERENCEOBJECT)
+            && let Some(handle) = object_handle(API, object)
+        {
+            iomgr::dereference(&handle);
+        }
+        0
+    })
+}
+
+/// Validates the arguments `FltReadFileEx` and `FltWriteFileEx` share; returns the open and the instance's filter.
+#[expect(clippy::too_many_arguments, reason = "the arguments of the DDI being checked")]
+fn check_io(
+    api: &'static str,
+    docs: &'static str,
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    byte_offset: *const i64,
+    length: u32,
+    buffer: *const c_void,
+    flags: u32,
+    callback: PFLT_COMPLETED_ASYNC_IO_CALLBACK,
+    mdl: *const MDL,
+) -> Result<(iomgr::Handle, PFLT_FILTER, Option<u64>), NTSTATUS> {
+    if !check_context(api, docs, false) {
+        return Err(STATUS_INVALID_PARAMETER);
+    }
+    let Some((filter, volume)) = (instance != 0).then(|| instance_filter(instance)).flatten() else {
+        return Err(invalid(api, format!("InitiatingInstance {instance:#x} is not an attached instance")));
+    };
+    let Some(handle) = iomgr::handle_of(file_object) else {
+        return Err(invalid(api, format!("{file_object:?} is not an open file object")));
+    };
+    if buffer.is_null() == mdl.is_null() {
+        return Err(invalid(api, "exactly one of Buffer and Mdl must be given".to_owned()));
+    }
+    if !mdl.is_null() || callback.is_some() {
+        verifier::report(Rule::UnsupportedByModel, api, "MDL-based and asynchronous I/O are not modelled yet");
+        return Err(STATUS_NOT_IMPLEMENTED);
+    }
+    // SAFETY: a non-NULL ByteOffset points to the caller's LARGE_INTEGER.
+    let offset = unsafe { byte_offset.as_ref() }.copied();
+    if flags & FLTFL_IO_OPERATION_NON_CACHED != 0 {
+        let sector = volumes().into_iter().find(|v| v.handle == volume).map_or(512, |v| v.spec.sector_size);
+        let sector = u64::from(sector.max(1));
+        let misaligned = offset.is_some_and(|o| u64::try_from(o).map_or(true, |o| o % sector != 0))
+            || u64::from(length) % sector != 0;
+        if misaligned {
+            return Err(invalid(
+                api,
+                format!(
+                    "non-cached I/O at offset {offset:?} of {length} bytes is not a multiple of the {sector}-byte sector"
+                ),
+            ));
+        }
+    }
+    let offset = match offset {
+        None => None,
+        Some(o) if o == WRITE_TO_END_OF_FILE => {
+            return Err(invalid(api, "FILE_WRITE_TO_END_OF_FILE is not supported by FltWriteFileEx".to_owned()));
+        }
+        Some(o) => Some(u64::try_from(o).map_err(|_| invalid(api, format!("ByteOffset {o} is negative")))?),
+    };
+    Ok((handle, filter, offset))
+}
+
+/// `FltReadFileEx` (synchronous, buffered).
+///
+/// Rules: PASSIVE_LEVEL, no top-level IRP; an attached `InitiatingInstance` (the read enters below it); an open
+/// file object; exactly one of `Buffer` and `Mdl`; for `FLTFL_IO_OPERATION_NON_CACHED` a sector-multiple offset
+/// and length. Reading at or past the end of file fails with `STATUS_END_OF_FILE`.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltreadfileex>.
+///
+/// # Safety
+/// Called by driver code: `Buffer` must hold `Length` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltReadFileEx(
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    byte_offset: *const i64,
+    length: u32,
+    buffer: *mut c_void,
+    flags: u32,
+    bytes_read: *mut u32,
+    callback: PFLT_COMPLETED_ASYNC_IO_CALLBACK,
+    _callback_context: *const c_void,
+    _key: *const u32,
+    mdl: *const MDL,
+) -> NTSTATUS {
+    const API: &str = "FltReadFileEx";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        let (handle, filter, offset) = match check_io(
+            API,
+            FLTREADFILEEX,
+            instance,
+            file_object,
+            byte_offset,
+            length,
+            buffer,
+            flags,
+            callback,
+            mdl,
+        ) {
+            Ok(checked) => checked,
+            Err(status) => return status,
+        };
+        let origin = Origin { initiator: Some(filter), below: Some(instance) };
+        let update = flags & FLTFL_IO_OPERATION_DO_NOT_UPDATE_BYTE_OFFSET == 0;
+        let result = iomgr::read_from(&handle, offset, length, origin, true, update);
+        let (status, data) = match result {
+            Ok(data) => (STATUS_SUCCESS, data),
+            Err(status) => (status, Vec::new()),
+        };
+        let n = data.len().min(usize::try_from(length).unwrap_or(0));
+        // SAFETY: the driver's buffer holds `length` bytes and `n <= length`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buffer.cast::<u8>(), n) };
+        if !bytes_read.is_null() {
+            // SAFETY: the driver passes a place for the count.
+            unsafe { bytes_read.write(u32::try_from(n).unwrap_or(u32::MAX)) };
+        }
+        status
+    })
+}
+
+/// `FltWriteFileEx` (synchronous, buffered): the rules of [`FltReadFileEx`], and no `FILE_WRITE_TO_END_OF_FILE`
+/// offset, which the docs say it does not support.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltwritefileex>.
+///
+/// # Safety
+/// Called by driver code: `Buffer` must hold `Length` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltWriteFileEx(
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    byte_offset: *const i64,
+    length: u32,
+    buffer: *const c_void,
+    flags: u32,
+    bytes_written: *mut u32,
+    callback: PFLT_COMPLETED_ASYNC_IO_CALLBACK,
+    _callback_context: *const c_void,
+    _key: *const u32,
+    mdl: *const MDL,
+) -> NTSTATUS {
+    const API: &str = "FltWriteFileEx";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        let (handle, filter, offset) = match check_io(
+            API,
+            FLTWRITEFILEEX,
+            instance,
+            file_object,
+            byte_offset,
+            length,
+            buffer,
+            flags,
+            callback,
+            mdl,
+        ) {
+            Ok(checked) => checked,
+            Err(status) => return status,
+        };
+        // SAFETY: the driver's buffer holds `length` bytes.
+        let data = unsafe { std::slice::from_raw_parts(buffer.cast::<u8>(), usize::try_from(length).unwrap_or(0)) };
+        let origin = Origin { initiator: Some(filter), below: Some(instance) };
+        let update = flags & FLTFL_IO_OPERATION_DO_NOT_UPDATE_BYTE_OFFSET == 0;
+        let (status, n) = match iomgr::write_from(&handle, offset, data, origin, true, update) {
+            Ok(n) => (STATUS_SUCCESS, n),
+            Err(status) => (status, 0),
+        };
+        if !bytes_written.is_null() {
+            // SAFETY: the driver passes a place for the count.
+            unsafe { bytes_written.write(u32::try_from(n).unwrap_or(u32::MAX)) };
+        }
+        status
+    })
+}
+
+/// Reports every handle and file object `filter` opened and did not release; called when its driver unloads.
+pub(crate) fn report_leaks(filter: PFLT_FILTER, after: &str) {
+    for (object, handle_open, references) in iomgr::opened_by(filter) {
+        let what = if handle_open { "handle still open" } else { "file object still referenced" };
+        verifier::report(
+            Rule::FileLeak,
+            if handle_open { "FltClose" } else { "ObDereferenceObject" },
+            format!("file object {object:#x} ({what}, {references} references) after {after}"),
+        );
+    }
+}

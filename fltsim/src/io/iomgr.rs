@@ -1,0 +1,633 @@
+//! The I/O manager: what tests (and later shuntctl's model transport) call to open, read, write and close files as
+//! a program would. Each call becomes an operation that runs through the filters of the file's volume
+//! ([`crate::fltmgr::dispatch`]) and then the model file system ([`super::fs`]).
+//!
+//! Paths are Win32-style with a drive letter (`C:\dir\file`). Every successful create gets a real `FILE_OBJECT`
+//! (windows-sys's layout) whose `FileName` holds the path within the volume, `Flags` has `FO_SYNCHRONOUS_IO` for
+//! synchronous opens, `FsContext` identifies the stream and `SectionObjectPointer` points to the one
+//! `SECTION_OBJECT_POINTERS` that every file object of the stream shares.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use windows_sys::{
+    Wdk::{
+        Foundation::{ACCESS_STATE, FILE_OBJECT, IO_SECURITY_CONTEXT, SECTION_OBJECT_POINTERS},
+        Storage::FileSystem::{FILE_SYNCHRONOUS_IO_ALERT, FILE_SYNCHRONOUS_IO_NONALERT},
+        System::SystemServices::{
+            FO_SYNCHRONOUS_IO, IO_REPARSE, IRP_MJ_CLEANUP, IRP_MJ_CLOSE, IRP_MJ_READ, IRP_MJ_WRITE, SL_CASE_SENSITIVE,
+        },
+    },
+    Win32::{
+        Foundation::{
+            NTSTATUS, STATUS_INVALID_PARAMETER, STATUS_MOUNT_POINT_NOT_RESOLVED, STATUS_OBJECT_PATH_NOT_FOUND,
+            STATUS_REPARSE, STATUS_REPARSE_POINT_NOT_RESOLVED, STATUS_SUCCESS, UNICODE_STRING,
+        },
+        Storage::FileSystem::{FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE},
+    },
+};
+
+use super::{
+    Volume,
+    fs::{self, CreateParams, OpenId, StreamId},
+    volumes,
+};
+use crate::fltmgr::dispatch::{IRP_MJ_CREATE, Origin, Request, dispatch};
+
+/// What a program asks for when it opens a file (`NtCreateFile`'s parameters).
+#[derive(Clone, Copy, Debug)]
+pub struct OpenParams {
+    /// The access mask.
+    pub desired_access: u32,
+    /// `FILE_SHARE_*`.
+    pub share_access: u32,
+    /// `FILE_SUPERSEDE` … `FILE_OVERWRITE_IF`.
+    pub disposition: u32,
+    /// Create options.
+    pub options: u32,
+    /// Attributes of a new file.
+    pub file_attributes: u32,
+    /// Ask for case-sensitive name comparison (`SL_CASE_SENSITIVE`).
+    pub case_sensitive: bool,
+    /// A kernel-mode request (`RequestorMode == KernelMode`) rather than a user-mode one.
+    pub kernel_mode: bool,
+    /// For a kernel-mode request: check access anyway (`IO_FORCE_ACCESS_CHECK`). User-mode requests are always
+    /// checked.
+    pub force_access_check: bool,
+}
+
+impl Default for OpenParams {
+    /// Open an existing file for synchronous reading, sharing read and write, from user mode.
+    fn default() -> Self {
+        Self {
+            desired_access: FILE_READ_DATA,
+            share_access: FILE_SHARE_READ | FILE_SHARE_WRITE,
+            disposition: windows_sys::Wdk::Storage::FileSystem::FILE_OPEN,
+            options: FILE_SYNCHRONOUS_IO_NONALERT,
+            file_attributes: 0,
+            case_sensitive: false,
+            kernel_mode: false,
+            force_access_check: false,
+        }
+    }
+}
+
+/// Whose access the file system checks for a create: the thread's effective token for user-mode requests and for
+/// kernel-mode requests that force the check; nobody's for other kernel-mode requests, which skip the check.
+fn access_identity(params: &OpenParams) -> Option<fs::AccessIdentity> {
+    if params.kernel_mode && !params.force_access_check {
+        return None;
+    }
+    let token = crate::kernel::process::effective_token();
+    Some(if token.user == crate::kernel::process::SYSTEM_SID {
+        fs::AccessIdentity::system()
+    } else {
+        fs::AccessIdentity { user: token.user, admin: token.admin }
+    })
+}
+
+/// The kernel objects behind one file object, at stable addresses.
+struct FileObjectBox {
+    object: FILE_OBJECT,
+    name: Vec<u16>,
+}
+
+/// Per-stream state every file object of the stream shares.
+struct Stream {
+    section: Box<SECTION_OBJECT_POINTERS>,
+    /// Stands for the file system's FCB; filters compare `FsContext` pointers to identify a stream.
+    fcb: Box<u64>,
+}
+
+struct OpenFile {
+    file_object: Box<FileObjectBox>,
+    volume: Volume,
+    open: OpenId,
+    kernel_mode: bool,
+    origin: Origin,
+    /// References to the file object: one for the handle until it is closed, one per `ObReferenceObject` (and
+    /// the one `FltCreateFileEx2` hands back). `IRP_MJ_CLOSE` is sent when the last goes.
+    references: u32,
+    /// Whether the handle is still open (`IRP_MJ_CLEANUP` not yet sent).
+    handle_open: bool,
+}
+
+// SAFETY: the raw pointers inside FILE_OBJECT refer to model-owned boxes that live as long as the open file.
+unsafe impl Send for OpenFile {}
+// SAFETY: as above, for the per-stream boxes.
+unsafe impl Send for Stream {}
+
+#[derive(Default)]
+struct Table {
+    next: u64,
+    files: BTreeMap<u64, OpenFile>,
+    streams: BTreeMap<StreamId, Stream>,
+}
+
+static TABLE: Mutex<Option<Table>> = Mutex::new(None);
+
+fn table() -> MutexGuard<'static, Option<Table>> {
+    TABLE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn with_table<T>(f: impl FnOnce(&mut Table) -> T) -> T {
+    f(table().get_or_insert_with(Table::default))
+}
+
+/// An open handle. Close it with [`close`]; a handle dropped without closing stays open, as a leaked handle
+/// would.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Handle(u64);
+
+impl Handle {
+    /// The model's number for this open.
+    #[must_use]
+    pub(crate) fn id(&self) -> u64 {
+        self.0
+    }
+
+    /// The open with the model's number `id`.
+    #[must_use]
+    pub(crate) fn from_id(id: u64) -> Self {
+        Self(id)
+    }
+
+    /// The file object behind the handle, as drivers see it.
+    #[must_use]
+    pub fn file_object(&self) -> *const FILE_OBJECT {
+        with_table(|t| t.files.get(&self.0).map_or(std::ptr::null(), |f| &raw const f.file_object.object))
+    }
+}
+
+fn split_drive(path: &str) -> Result<(Volume, String), NTSTATUS> {
+    let mut chars = path.chars();
+    let (Some(letter), Some(':')) = (chars.next(), chars.next()) else {
+        return Err(STATUS_OBJECT_PATH_NOT_FOUND);
+    };
+    let rest = chars.as_str();
+    let volume = volumes()
+        .into_iter()
+        .find(|v| v.spec.drive_letter.is_some_and(|d| d.eq_ignore_ascii_case(&letter)))
+        .ok_or(STATUS_OBJECT_PATH_NOT_FOUND)?;
+    let within = if rest.is_empty() { "\\".to_owned() } else { rest.to_owned() };
+    Ok((volume, within))
+}
+
+fn new_file_object(name: &str, synchronous: bool) -> Box<FileObjectBox> {
+    let mut boxed = Box::new(FileObjectBox {
+        // SAFETY: FILE_OBJECT is a plain C struct for which all-zero is valid.
+        object: unsafe { std::mem::zeroed() },
+        name: name.encode_utf16().collect(),
+    });
+    let bytes = u16::try_from(boxed.name.len().saturating_mul(2)).unwrap_or(0xFFFE);
+    boxed.object.Type = 5; // IO_TYPE_FILE
+    boxed.object.Size = i16::try_from(size_of::<FILE_OBJECT>()).unwrap_or(i16::MAX);
+    boxed.object.FileName = UNICODE_STRING { Length: bytes, MaximumLength: bytes, Buffer: boxed.name.as_mut_ptr() };
+    if synchronous {
+        boxed.object.Flags |= FO_SYNCHRONOUS_IO;
+    }
+    boxed
+}
+
+/// Opens `path` as a program would (`NtCreateFile`), through the filters of its volume.
+///
+/// # Errors
+/// The final status of the create: a filter's or the file system's.
+pub fn create(path: &str, params: &OpenParams) -> Result<Handle, NTSTATUS> {
+    let (volume, within) = split_drive(path)?;
+    create_on(&volume, &within, params, Origin::default(), 1)
+}
+
+/// How many times one create may be sent back with `STATUS_REPARSE` before it fails, as the I/O manager limits
+/// reparse loops (the exact limit is not documented; 32 is the model's).
+pub const MAX_REPARSES: usize = 32;
+
+/// Opens `within` on `volume` from `origin`, starting with `references` references to the file object. A create a
+/// filter completes with `STATUS_REPARSE` / `IO_REPARSE` (after `IoReplaceFileObjectName`) is re-issued with the
+/// new name from the top of the stack, as the I/O manager re-parses it.
+pub(crate) fn create_on(
+    volume: &Volume,
+    within: &str,
+    params: &OpenParams,
+    origin: Origin,
+    references: u32,
+) -> Result<Handle, NTSTATUS> {
+    let (mut volume, mut within) = (volume.clone(), within.to_owned());
+    for _ in 0..MAX_REPARSES {
+        match create_once(&volume, &within, params, origin, references)? {
+            Created::Opened(handle) => return Ok(handle),
+            Created::Reparse(name) => {
+                let (next_volume, next_within) = crate::fltmgr::fileio::resolve_object_name(&name)?;
+                if origin.below.is_some() && next_volume.handle != volume.handle {
+                    // A targeted create cannot follow a name onto another volume (FltCreateFileEx2's page).
+                    return Err(STATUS_MOUNT_POINT_NOT_RESOLVED);
+                }
+                (volume, within) = (next_volume, next_within);
+            }
+        }
+    }
+    Err(STATUS_REPARSE_POINT_NOT_RESOLVED)
+}
+
+/// What one pass of a create came to.
+enum Created {
+    Opened(Handle),
+    /// A filter asked for the create to be re-parsed with this name.
+    Reparse(String),
+}
+
+/// File objects whose create is in progress, which `IoReplaceFileObjectName` may rename.
+static CREATING: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+
+/// `IoReplaceFileObjectName`: PASSIVE_LEVEL, on a file object whose create is in progress (a pre-create
+/// callback's); replaces `FileName` with `NewFileName` (`FileNameLength` bytes).
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-ioreplacefileobjectname>.
+///
+/// # Safety
+/// Called by driver code: `NewFileName` must hold `FileNameLength` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn IoReplaceFileObjectName(
+    file_object: *const FILE_OBJECT,
+    new_file_name: windows_sys::core::PCWSTR,
+    file_name_length: u16,
+) -> NTSTATUS {
+    const API: &str = "IoReplaceFileObjectName";
+    crate::guard::guarded(API, STATUS_INVALID_PARAMETER, || {
+        const DOCS: &str =
+            "https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-ioreplacefileobjectname";
+        if !crate::kernel::thread::require_irql_at_most(API, crate::kernel::irql::PASSIVE, DOCS) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        let boxed = CREATING.lock().unwrap_or_else(PoisonError::into_inner).get(&(file_object as usize)).copied();
+        let Some(boxed) = boxed else {
+            crate::verifier::report(
+                crate::verifier::Rule::InvalidArgument,
+                API,
+                format!("{file_object:?} is not a file object being created (call it from a pre-create callback)"),
+            );
+            return STATUS_INVALID_PARAMETER;
+        };
+        if new_file_name.is_null() || !file_name_length.is_multiple_of(2) {
+            crate::verifier::report(crate::verifier::Rule::InvalidArgument, API, "a NULL or odd-length name");
+            return STATUS_INVALID_PARAMETER;
+        }
+        // SAFETY: the driver's name holds `file_name_length` bytes.
+        let name = unsafe { std::slice::from_raw_parts(new_file_name, usize::from(file_name_length / 2)) }.to_vec();
+        // SAFETY: `boxed` is the file object box of a create in progress on a thread that is inside this create's
+        // dispatch (waiting for this callback), so nothing else touches it now.
+        let boxed = unsafe { &mut *(boxed as *mut FileObjectBox) };
+        boxed.name = name;
+        boxed.object.FileName.Buffer = boxed.name.as_mut_ptr();
+        boxed.object.FileName.Length = file_name_length;
+        boxed.object.FileName.MaximumLength = file_name_length;
+        STATUS_SUCCESS
+    })
+}
+
+fn create_once(
+    volume: &Volume,
+    within: &str,
+    params: &OpenParams,
+    origin: Origin,
+    references: u32,
+) -> Result<Created, NTSTATUS> {
+    let volume = volume.clone();
+    let within = within.to_owned();
+    let synchronous = params.options & (FILE_SYNCHRONOUS_IO_ALERT | FILE_SYNCHRONOUS_IO_NONALERT) != 0;
+    let mut file_object = new_file_object(&within, synchronous);
+    // SAFETY: ACCESS_STATE is a plain C struct for which all-zero is valid.
+    let mut access_state: Box<ACCESS_STATE> = Box::new(unsafe { std::mem::zeroed() });
+    access_state.OriginalDesiredAccess = params.desired_access;
+    access_state.RemainingDesiredAccess = params.desired_access;
+    let mut security = Box::new(IO_SECURITY_CONTEXT {
+        SecurityQos: std::ptr::null_mut(),
+        AccessState: &raw mut *access_state,
+        DesiredAccess: params.desired_access,
+        FullCreateOptions: params.options,
+    });
+    let mut request = Request::new(IRP_MJ_CREATE, &raw mut file_object.object, params.kernel_mode).from_origin(origin);
+    {
+        let iopb = request.iopb();
+        if params.case_sensitive {
+            iopb.OperationFlags |= u8::try_from(SL_CASE_SENSITIVE).unwrap_or(0);
+        }
+        iopb.Parameters.Create.SecurityContext = &raw mut *security;
+        iopb.Parameters.Create.Options = (params.disposition << 24) | (params.options & 0x00FF_FFFF);
+        iopb.Parameters.Create.ShareAccess = u16::try_from(params.share_access).unwrap_or(0);
+        iopb.Parameters.Create.FileAttributes = u16::try_from(params.file_attributes).unwrap_or(0);
+    }
+    let mut created = None;
+    let mut reparse_to: Option<String> = None;
+    let identity = access_identity(params);
+    let object_address = &raw const file_object.object as usize;
+    let box_address = &raw mut *file_object as usize;
+    CREATING.lock().unwrap_or_else(PoisonError::into_inner).insert(object_address, box_address);
+    dispatch(volume.handle, &mut request, |request| {
+        // The file system reads the parameters as the filters left them.
+        let iopb = request.iopb();
+        // SAFETY: the union holds the Create parameters for IRP_MJ_CREATE.
+        let create = unsafe { iopb.Parameters.Create };
+        let fs_params = CreateParams {
+            disposition: create.Options >> 24,
+            options: create.Options & 0x00FF_FFFF,
+            desired_access: params.desired_access,
+            share_access: u32::from(create.ShareAccess),
+            file_attributes: u32::from(create.FileAttributes),
+            case_sensitive: u32::from(iopb.OperationFlags) & SL_CASE_SENSITIVE != 0,
+            check_access_for: identity,
+            ..CreateParams::default()
+        };
+        match fs::create_ex(&volume, &within, &fs_params) {
+            Ok(fs::CreateOutcome::Opened(done)) => {
+                request.complete(STATUS_SUCCESS, done.information);
+                created = Some(done);
+            }
+            Ok(fs::CreateOutcome::Reparse(reparse)) => {
+                // The file system's own reparse point (a symbolic link, junction or mount point): the I/O manager
+                // re-parses the substituted name.
+                reparse_to = Some(format!("{}{}", reparse.volume_name, reparse.path));
+                request.complete(STATUS_REPARSE, reparse.tag as usize);
+            }
+            Err(status) => request.complete(status, 0),
+        }
+    });
+    CREATING.lock().unwrap_or_else(PoisonError::into_inner).remove(&object_address);
+    let status = request.status();
+    if status == STATUS_REPARSE
+        && let Some(name) = reparse_to
+    {
+        return Ok(Created::Reparse(name));
+    }
+    if status == STATUS_REPARSE && request.information() == IO_REPARSE as usize {
+        if let Some(done) = created {
+            // A filter below the one that asked for the reparse opened the file after all; undo it.
+            fs::cleanup(done.open);
+            fs::close(done.open);
+        }
+        return Ok(Created::Reparse(String::from_utf16_lossy(&file_object.name)));
+    }
+    let Some(done) = created.filter(|_| status >= 0) else {
+        return Err(if status >= 0 { STATUS_INVALID_PARAMETER } else { status });
+    };
+    let id = with_table(|t| {
+        let stream = t.streams.entry(done.stream).or_insert_with(|| Stream {
+            // SAFETY: SECTION_OBJECT_POINTERS is a plain C struct for which all-zero is valid.
+            section: Box::new(unsafe { std::mem::zeroed() }),
+            fcb: Box::new(done.stream.0),
+        });
+        file_object.object.SectionObjectPointer = &raw mut *stream.section;
+        file_object.object.FsContext = (&raw mut *stream.fcb).cast();
+        t.next = t.next.saturating_add(1);
+        let id = t.next;
+        t.files.insert(
+            id,
+            OpenFile {
+                file_object,
+                volume,
+                open: done.open,
+                kernel_mode: params.kernel_mode,
+                origin,
+                references,
+                handle_open: true,
+            },
+        );
+        id
+    });
+    Ok(Created::Opened(Handle(id)))
+}
+
+fn with_open<T>(handle: &Handle, f: impl FnOnce(&mut OpenFile) -> T) -> Result<T, NTSTATUS> {
+    with_table(|t| t.files.get_mut(&handle.0).map(f)).ok_or(STATUS_INVALID_PARAMETER)
+}
+
+struct Target {
+    file_object: *mut FILE_OBJECT,
+    volume: Volume,
+    open: OpenId,
+    kernel_mode: bool,
+    synchronous: bool,
+    current: i64,
+    origin: Origin,
+}
+
+fn target(handle: &Handle) -> Result<Target, NTSTATUS> {
+    with_open(handle, |f| Target {
+        file_object: &raw mut f.file_object.object,
+        volume: f.volume.clone(),
+        open: f.open,
+        kernel_mode: f.kernel_mode,
+        synchronous: f.file_object.object.Flags & FO_SYNCHRONOUS_IO != 0,
+        current: f.file_object.object.CurrentByteOffset,
+        origin: f.origin,
+    })
+}
+
+/// The handle of the open whose file object is `file_object`.
+pub(crate) fn handle_of(file_object: *const FILE_OBJECT) -> Option<Handle> {
+    with_table(|t| {
+        t.files
+            .iter()
+            .find(|(_, f)| std::ptr::eq(&raw const f.file_object.object, file_object))
+            .map(|(id, _)| Handle(*id))
+    })
+}
+
+/// Whether the handle of `handle` is still open (no `IRP_MJ_CLEANUP` yet).
+pub(crate) fn handle_is_open(handle: &Handle) -> bool {
+    with_open(handle, |f| f.handle_open).unwrap_or(false)
+}
+
+/// Every open whose create came from `initiator`, for leak checks: (file object, handle still open, references).
+pub(crate) fn opened_by(
+    initiator: windows_sys::Wdk::Storage::FileSystem::Minifilters::PFLT_FILTER,
+) -> Vec<(usize, bool, u32)> {
+    with_table(|t| {
+        t.files
+            .values()
+            .filter(|f| f.origin.initiator == Some(initiator))
+            .map(|f| (&raw const f.file_object.object as usize, f.handle_open, f.references))
+            .collect()
+    })
+}
+
+fn major(code: u32) -> u8 {
+    u8::try_from(code).unwrap_or(u8::MAX)
+}
+
+/// Resolves the offset of a read or write: an explicit one, or the file object's current byte offset for a
+/// synchronous file object (what the I/O manager puts in the IRP).
+fn resolve_offset(t: &Target, offset: Option<u64>) -> Result<u64, NTSTATUS> {
+    match offset {
+        Some(at) => Ok(at),
+        None if t.synchronous => u64::try_from(t.current).map_err(|_| STATUS_INVALID_PARAMETER),
+        None => Err(STATUS_INVALID_PARAMETER),
+    }
+}
+
+fn advance(handle: &Handle, t: &Target, offset: u64, transferred: usize) {
+    if !t.synchronous {
+        return;
+    }
+    let end = offset.saturating_add(u64::try_from(transferred).unwrap_or(u64::MAX));
+    let _ = with_open(handle, |f| f.file_object.object.CurrentByteOffset = i64::try_from(end).unwrap_or(i64::MAX));
+}
+
+/// Reads up to `length` bytes at `offset` (or at the current byte offset of a synchronous file object), through
+/// the filters.
+///
+/// # Errors
+/// The final status: `STATUS_END_OF_FILE` at or past the end, a filter's status, ...
+pub fn read(handle: &Handle, offset: Option<u64>, length: u32) -> Result<Vec<u8>, NTSTATUS> {
+    let t = target(handle)?;
+    read_from(handle, offset, length, Origin::default(), t.kernel_mode, true)
+}
+
+/// Reads through the filters from `origin`; `update_offset` says whether a synchronous file object's current
+/// byte offset moves (`FLTFL_IO_OPERATION_DO_NOT_UPDATE_BYTE_OFFSET` clears it).
+pub(crate) fn read_from(
+    handle: &Handle,
+    offset: Option<u64>,
+    length: u32,
+    origin: Origin,
+    kernel_mode: bool,
+    update_offset: bool,
+) -> Result<Vec<u8>, NTSTATUS> {
+    let t = target(handle)?;
+    if !handle_is_open(handle) {
+        return Err(windows_sys::Win32::Foundation::STATUS_FILE_CLOSED);
+    }
+    let at = resolve_offset(&t, offset)?;
+    let mut buffer = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    let mut request = Request::new(major(IRP_MJ_READ), t.file_object, kernel_mode).from_origin(origin);
+    {
+        let iopb = request.iopb();
+        iopb.Parameters.Read.Length = length;
+        iopb.Parameters.Read.ByteOffset = i64::try_from(at).map_err(|_| STATUS_INVALID_PARAMETER)?;
+        iopb.Parameters.Read.ReadBuffer = buffer.as_mut_ptr().cast();
+    }
+    dispatch(t.volume.handle, &mut request, |request| {
+        // SAFETY: the union holds the Read parameters for IRP_MJ_READ.
+        let read = unsafe { request.iopb().Parameters.Read };
+        let from = u64::try_from(read.ByteOffset).unwrap_or(u64::MAX);
+        match fs::read(t.open, from, usize::try_from(read.Length).unwrap_or(0)) {
+            Ok(data) => {
+                let n = data.len().min(buffer.len());
+                buffer[..n].copy_from_slice(&data[..n]);
+                request.complete(STATUS_SUCCESS, n);
+            }
+            Err(status) => request.complete(status, 0),
+        }
+    });
+    let status = request.status();
+    if status < 0 {
+        return Err(status);
+    }
+    let n = request.information().min(buffer.len());
+    buffer.truncate(n);
+    if update_offset {
+        advance(handle, &t, at, n);
+    }
+    Ok(buffer)
+}
+
+/// Writes `data` at `offset` (or at the current byte offset of a synchronous file object), through the filters.
+///
+/// # Errors
+/// The final status.
+pub fn write(handle: &Handle, offset: Option<u64>, data: &[u8]) -> Result<usize, NTSTATUS> {
+    let t = target(handle)?;
+    write_from(handle, offset, data, Origin::default(), t.kernel_mode, true)
+}
+
+/// Writes through the filters from `origin` (see [`read_from`]).
+pub(crate) fn write_from(
+    handle: &Handle,
+    offset: Option<u64>,
+    data: &[u8],
+    origin: Origin,
+    kernel_mode: bool,
+    update_offset: bool,
+) -> Result<usize, NTSTATUS> {
+    let t = target(handle)?;
+    if !handle_is_open(handle) {
+        return Err(windows_sys::Win32::Foundation::STATUS_FILE_CLOSED);
+    }
+    let at = resolve_offset(&t, offset)?;
+    let mut buffer = data.to_vec();
+    let mut request = Request::new(major(IRP_MJ_WRITE), t.file_object, kernel_mode).from_origin(origin);
+    {
+        let iopb = request.iopb();
+        iopb.Parameters.Write.Length = u32::try_from(data.len()).map_err(|_| STATUS_INVALID_PARAMETER)?;
+        iopb.Parameters.Write.ByteOffset = i64::try_from(at).map_err(|_| STATUS_INVALID_PARAMETER)?;
+        iopb.Parameters.Write.WriteBuffer = buffer.as_mut_ptr().cast();
+    }
+    dispatch(t.volume.handle, &mut request, |request| {
+        // SAFETY: the union holds the Write parameters for IRP_MJ_WRITE.
+        let write = unsafe { request.iopb().Parameters.Write };
+        let from = u64::try_from(write.ByteOffset).unwrap_or(u64::MAX);
+        let n = usize::try_from(write.Length).unwrap_or(0).min(buffer.len());
+        match fs::write(t.open, Some(from), &buffer[..n]) {
+            Ok(written) => request.complete(STATUS_SUCCESS, written),
+            Err(status) => request.complete(status, 0),
+        }
+    });
+    let status = request.status();
+    if status < 0 {
+        return Err(status);
+    }
+    let n = request.information();
+    if update_offset {
+        advance(handle, &t, at, n);
+    }
+    Ok(n)
+}
+
+/// Closes the handle: `IRP_MJ_CLEANUP` through the filters, then the handle's reference goes, which sends
+/// `IRP_MJ_CLOSE` when it was the last.
+#[expect(clippy::needless_pass_by_value, reason = "closing consumes the handle so it cannot be used again")]
+pub fn close(handle: Handle) {
+    close_handle(&handle);
+}
+
+/// `IRP_MJ_CLEANUP` for the handle, then drops the handle's reference. Returns false when the handle was not open.
+pub(crate) fn close_handle(handle: &Handle) -> bool {
+    let Ok(t) = target(handle) else { return false };
+    if !handle_is_open(handle) {
+        return false;
+    }
+    let mut request = Request::new(major(IRP_MJ_CLEANUP), t.file_object, t.kernel_mode).from_origin(t.origin);
+    dispatch(t.volume.handle, &mut request, |request| {
+        fs::cleanup(t.open);
+        request.complete(STATUS_SUCCESS, 0);
+    });
+    let _ = with_open(handle, |f| f.handle_open = false);
+    dereference(handle);
+    true
+}
+
+/// Adds a reference to the file object (`ObReferenceObject`).
+pub(crate) fn reference(handle: &Handle) {
+    let _ = with_open(handle, |f| f.references = f.references.saturating_add(1));
+}
+
+/// Drops a reference to the file object; the last one sends `IRP_MJ_CLOSE` through the filters.
+pub(crate) fn dereference(handle: &Handle) {
+    let Ok(remaining) = with_open(handle, |f| {
+        f.references = f.references.saturating_sub(1);
+        f.references
+    }) else {
+        return;
+    };
+    if remaining > 0 {
+        return;
+    }
+    let Ok(t) = target(handle) else { return };
+    let mut request = Request::new(major(IRP_MJ_CLOSE), t.file_object, t.kernel_mode).from_origin(t.origin);
+    dispatch(t.volume.handle, &mut request, |request| {
+        fs::close(t.open);
+        request.complete(STATUS_SUCCESS, 0);
+    });
+    with_table(|table| table.files.remove(&handle.0));
+}
