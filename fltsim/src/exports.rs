@@ -309,6 +309,90 @@ pub const EXPORTS: &[Export] = &[
         "IRQL; an allocated item; Critical or Delayed queue; a live filter or instance; runs at PASSIVE_LEVEL on a system worker",
         "fltkernel/nf-fltkernel-fltqueuegenericworkitem"
     ),
+    export!(
+        "FltAllocateContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a registered type; size 1..=65535 and within a fixed registration (else STATUS_FLT_CONTEXT_ALLOCATION_NOT_FOUND); not zeroed; one reference; contexts alive at unload are reported",
+        "fltkernel/nf-fltkernel-fltallocatecontext"
+    ),
+    export!(
+        "FltReferenceContext",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; a live context (use after free is reported)",
+        "fltkernel/nf-fltkernel-fltreferencecontext"
+    ),
+    export!(
+        "FltReleaseContext",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; a live context; dropping to zero while attached is reported; the last reference runs the cleanup callback at APC_LEVEL",
+        "fltkernel/nf-fltkernel-fltreleasecontext"
+    ),
+    export!(
+        "FltDeleteContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a live context; detaches it and drops the attachment's reference",
+        "fltkernel/nf-fltkernel-fltdeletecontext"
+    ),
+    export!(
+        "FltSetStreamHandleContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; an opened file object (not in pre-create); an unattached context of this filter and type; KEEP_IF_EXISTS answers STATUS_FLT_CONTEXT_ALREADY_DEFINED; detached at close",
+        "fltkernel/nf-fltkernel-fltsetstreamhandlecontext"
+    ),
+    export!(
+        "FltGetStreamHandleContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a referenced context or STATUS_NOT_FOUND",
+        "fltkernel/nf-fltkernel-fltgetstreamhandlecontext"
+    ),
+    export!(
+        "FltSetStreamContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "as FltSetStreamHandleContext, per stream (shared by every file object of the stream); detached when the stream's last file object closes",
+        "fltkernel/nf-fltkernel-fltsetstreamcontext"
+    ),
+    export!(
+        "FltGetStreamContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a referenced context or STATUS_NOT_FOUND",
+        "fltkernel/nf-fltkernel-fltgetstreamcontext"
+    ),
+    export!(
+        "FltGetRequestorProcess",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; callback data of an operation in flight; the process that issued it, even when a filter above posted it to a worker",
+        "fltkernel/nf-fltkernel-fltgetrequestorprocess"
+    ),
+    export!(
+        "FltGetRequestorProcessId",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "as FltGetRequestorProcess, the id",
+        "fltkernel/nf-fltkernel-fltgetrequestorprocessid"
+    ),
+    export!(
+        "FltGetVolumeGuidName",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL (stricter: the page names none); a local volume (STATUS_INVALID_DEVICE_REQUEST for network); STATUS_BUFFER_TOO_SMALL with the size needed; \\??\\Volume{GUID}",
+        "fltkernel/nf-fltkernel-fltgetvolumeguidname"
+    ),
+    export!(
+        "IoReplaceFileObjectName",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; a file object whose create is in progress; an even length; STATUS_REPARSE with IO_REPARSE then re-issues the create with the new name (32 reparses at most; a targeted create cannot follow it to another volume)",
+        "ntifs/nf-ntifs-ioreplacefileobjectname"
+    ),
 ];
 
 /// Imports of a `no_std` driver that are compiler support, not kernel services: the model cannot export these

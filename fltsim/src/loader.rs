@@ -207,6 +207,7 @@ impl LoadedDriver {
         for filter in self.filters() {
             crate::fltmgr::fileio::report_leaks(filter.handle, after);
             crate::fltmgr::pending::report_leaks(filter.handle, after);
+            crate::fltmgr::context::report_leaks(filter.handle, after);
         }
         for leak in pool::live().into_iter().filter(|a| !self.pool_before.contains(&a.address)) {
             verifier::report(

@@ -66,6 +66,11 @@ pub enum Rule {
     PendedNeverCompleted,
     /// A Filter Manager work item was still allocated when the driver unloaded.
     WorkItemLeak,
+    /// A context was released more often than referenced, used after it was freed, or dropped to zero while
+    /// attached (Filter Verifier's bugcheck 0xF5).
+    ContextMisuse,
+    /// A context was still alive when its filter unloaded.
+    ContextLeak,
     /// The driver called `KeBugCheckEx`.
     BugCheck,
     /// `KeLeaveCriticalRegion` or `KeLeaveGuardedRegion` without a matching enter.
@@ -120,6 +125,8 @@ impl Rule {
             Self::FileLeak => "file-leak",
             Self::PendedNeverCompleted => "pended-never-completed",
             Self::WorkItemLeak => "work-item-leak",
+            Self::ContextMisuse => "context-misuse",
+            Self::ContextLeak => "context-leak",
             Self::BugCheck => "bugcheck",
             Self::RegionLeaveWithoutEnter => "region-leave-without-enter",
             Self::CallbackStateMismatch => "callback-state-mismatch",
@@ -170,7 +177,10 @@ impl Rule {
             Self::UncheckedOpenForUser => {
                 "https://learn.microsoft.com/windows-hardware/drivers/ddi/ntddk/nf-ntddk-iocreatefileex"
             }
-            Self::FileLeak | Self::WorkItemLeak | Self::RecursiveIo | Self::InvalidArgument => {
+            Self::ContextMisuse => {
+                "https://learn.microsoft.com/windows-hardware/drivers/debugger/bug-check-0xf5--fltmgr-file-system"
+            }
+            Self::FileLeak | Self::WorkItemLeak | Self::ContextLeak | Self::RecursiveIo | Self::InvalidArgument => {
                 "https://learn.microsoft.com/windows-hardware/drivers/devtest/file-system-filter-verification"
             }
             Self::PendedNeverCompleted => {

@@ -153,6 +153,7 @@ fn tear_down(filter: &FilterRecord, instance: &InstanceRecord, reason: u32) {
         record.attached = false;
         record.teardown_reason = Some(reason);
     }
+    super::context::instance_torn_down(instance.handle);
 }
 
 /// `FltUnregisterFilter`: tears down every attached instance of `filter`.

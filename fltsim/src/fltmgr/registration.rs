@@ -108,6 +108,7 @@ pub struct FilterRecord {
     pub unregistered: bool,
     pub(crate) callbacks: Callbacks,
     pub(crate) operation_callbacks: Vec<OperationCallbacks>,
+    pub(crate) context_registrations: Vec<super::context::ContextType>,
 }
 
 /// The callbacks of a registration, kept to call them.
@@ -222,7 +223,7 @@ unsafe fn read_operations(
 ///
 /// # Safety
 /// `table` must be null or point to an array of registrations that the driver keeps alive.
-unsafe fn read_contexts(table: *const FLT_CONTEXT_REGISTRATION) -> Result<Vec<u16>, String> {
+unsafe fn read_contexts(table: *const FLT_CONTEXT_REGISTRATION) -> Result<Vec<super::context::ContextType>, String> {
     let mut out = Vec::new();
     if table.is_null() {
         return Ok(out);
@@ -233,7 +234,11 @@ unsafe fn read_contexts(table: *const FLT_CONTEXT_REGISTRATION) -> Result<Vec<u1
         if u32::from(entry.ContextType) == FLT_CONTEXT_END {
             return Ok(out);
         }
-        out.push(entry.ContextType);
+        out.push(super::context::ContextType {
+            kind: entry.ContextType,
+            size: entry.Size,
+            cleanup: entry.ContextCleanupCallback,
+        });
     }
     Err(format!("no FLT_CONTEXT_END within {MAX_OPERATIONS} context registrations"))
 }
@@ -311,7 +316,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
             Err(why) => return invalid(format!("OperationRegistration: {why}")),
         };
         // SAFETY: as above, for the context table.
-        let context_types = match unsafe { read_contexts(reg.ContextRegistration) } {
+        let context_registrations = match unsafe { read_contexts(reg.ContextRegistration) } {
             Ok(types) => types,
             Err(why) => return invalid(format!("ContextRegistration: {why}")),
         };
@@ -339,7 +344,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
             version: reg.Version,
             flags: reg.Flags,
             operations,
-            context_types,
+            context_types: context_registrations.iter().map(|c| c.kind).collect(),
             has_unload: reg.FilterUnloadCallback.is_some(),
             has_instance_setup: reg.InstanceSetupCallback.is_some(),
             has_instance_query_teardown: reg.InstanceQueryTeardownCallback.is_some(),
@@ -357,6 +362,7 @@ pub unsafe extern "system" fn FltRegisterFilter(
                 instance_teardown_complete: reg.InstanceTeardownCompleteCallback,
             },
             operation_callbacks,
+            context_registrations,
         });
         // SAFETY: checked non-NULL; the driver passes a place for the handle.
         unsafe { ret_filter.write(handle) };

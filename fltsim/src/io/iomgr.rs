@@ -8,7 +8,7 @@
 //! `SECTION_OBJECT_POINTERS` that every file object of the stream shares.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
@@ -241,6 +241,16 @@ enum Created {
 /// File objects whose create is in progress, which `IoReplaceFileObjectName` may rename.
 static CREATING: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
 
+/// File objects the file system has opened whose create is still on its way back up (post-create callbacks).
+static OPENED_IN_CREATE: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+
+/// Whether `file_object` is open: created by the file system (post-create on) and not yet closed.
+#[must_use]
+pub fn is_open_file_object(file_object: *const FILE_OBJECT) -> bool {
+    OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).contains(&(file_object as usize))
+        || handle_of(file_object).is_some()
+}
+
 /// `IoReplaceFileObjectName`: PASSIVE_LEVEL, on a file object whose create is in progress (a pre-create
 /// callback's); replaces `FileName` with `NewFileName` (`FileNameLength` bytes).
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-ioreplacefileobjectname>.
@@ -341,8 +351,19 @@ fn create_once(
         };
         match fs::create_ex(&volume, &within, &fs_params) {
             Ok(fs::CreateOutcome::Opened(done)) => {
+                // The file system fills in the file object as it opens it, before post-create callbacks run.
+                with_table(|t| {
+                    let stream = t.streams.entry(done.stream).or_insert_with(|| Stream {
+                        // SAFETY: SECTION_OBJECT_POINTERS is a plain C struct for which all-zero is valid.
+                        section: Box::new(unsafe { std::mem::zeroed() }),
+                        fcb: Box::new(done.stream.0),
+                    });
+                    file_object.object.SectionObjectPointer = &raw mut *stream.section;
+                    file_object.object.FsContext = (&raw mut *stream.fcb).cast();
+                });
                 request.complete(STATUS_SUCCESS, done.information);
                 created = Some(done);
+                OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).insert(object_address);
             }
             Ok(fs::CreateOutcome::Reparse(reparse)) => {
                 // The file system's own reparse point (a symbolic link, junction or mount point): the I/O manager
@@ -354,6 +375,7 @@ fn create_once(
         }
     });
     CREATING.lock().unwrap_or_else(PoisonError::into_inner).remove(&object_address);
+    OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).remove(&object_address);
     let status = request.status();
     if status == STATUS_REPARSE
         && let Some(name) = reparse_to
@@ -372,13 +394,6 @@ fn create_once(
         return Err(if status >= 0 { STATUS_INVALID_PARAMETER } else { status });
     };
     let id = with_table(|t| {
-        let stream = t.streams.entry(done.stream).or_insert_with(|| Stream {
-            // SAFETY: SECTION_OBJECT_POINTERS is a plain C struct for which all-zero is valid.
-            section: Box::new(unsafe { std::mem::zeroed() }),
-            fcb: Box::new(done.stream.0),
-        });
-        file_object.object.SectionObjectPointer = &raw mut *stream.section;
-        file_object.object.FsContext = (&raw mut *stream.fcb).cast();
         t.next = t.next.saturating_add(1);
         let id = t.next;
         t.files.insert(
@@ -629,5 +644,13 @@ pub(crate) fn dereference(handle: &Handle) {
         fs::close(t.open);
         request.complete(STATUS_SUCCESS, 0);
     });
+    // SAFETY: the file object stays in the table until removed below.
+    let stream = unsafe { (*t.file_object).FsContext } as usize;
     with_table(|table| table.files.remove(&handle.0));
+    crate::fltmgr::context::file_object_closed(t.file_object as usize);
+    let stream_still_open =
+        with_table(|table| table.files.values().any(|f| f.file_object.object.FsContext as usize == stream));
+    if !stream_still_open {
+        crate::fltmgr::context::stream_closed(stream);
+    }
 }
