@@ -393,6 +393,34 @@ pub const EXPORTS: &[Export] = &[
         "IRQL; a file object whose create is in progress; an even length; STATUS_REPARSE with IO_REPARSE then re-issues the create with the new name (32 reparses at most; a targeted create cannot follow it to another volume)",
         "ntifs/nf-ntifs-ioreplacefileobjectname"
     ),
+    export!(
+        "FltGetFileNameInformation",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; one format and one query method; no short name in pre-create; STATUS_FLT_INVALID_NAME_REQUEST for paging I/O, a set top-level IRP, all APCs disabled or a cleaned-up file object; STATUS_FLT_NAME_CACHE_MISS for cache-only queries; normalized names expand short names; blocks never released are reported",
+        "fltkernel/nf-fltkernel-fltgetfilenameinformation"
+    ),
+    export!(
+        "FltParseFileNameInformation",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; live name information; fills ParentDir, FinalComponent, Extension and Stream",
+        "fltkernel/nf-fltkernel-fltparsefilenameinformation"
+    ),
+    export!(
+        "FltReferenceFileNameInformation",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; live name information",
+        "fltkernel/nf-fltkernel-fltreferencefilenameinformation"
+    ),
+    export!(
+        "FltReleaseFileNameInformation",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; live name information, released no more often than referenced",
+        "fltkernel/nf-fltkernel-fltreleasefilenameinformation"
+    ),
 ];
 
 /// Imports of a `no_std` driver that are compiler support, not kernel services: the model cannot export these

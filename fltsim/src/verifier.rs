@@ -71,6 +71,10 @@ pub enum Rule {
     ContextMisuse,
     /// A context was still alive when its filter unloaded.
     ContextLeak,
+    /// Name information was released more often than referenced, or used after its last release.
+    NameInfoMisuse,
+    /// Name information was never released before its filter unloaded.
+    NameInfoLeak,
     /// The driver called `KeBugCheckEx`.
     BugCheck,
     /// `KeLeaveCriticalRegion` or `KeLeaveGuardedRegion` without a matching enter.
@@ -127,6 +131,8 @@ impl Rule {
             Self::WorkItemLeak => "work-item-leak",
             Self::ContextMisuse => "context-misuse",
             Self::ContextLeak => "context-leak",
+            Self::NameInfoMisuse => "name-info-misuse",
+            Self::NameInfoLeak => "name-info-leak",
             Self::BugCheck => "bugcheck",
             Self::RegionLeaveWithoutEnter => "region-leave-without-enter",
             Self::CallbackStateMismatch => "callback-state-mismatch",
@@ -180,7 +186,13 @@ impl Rule {
             Self::ContextMisuse => {
                 "https://learn.microsoft.com/windows-hardware/drivers/debugger/bug-check-0xf5--fltmgr-file-system"
             }
-            Self::FileLeak | Self::WorkItemLeak | Self::ContextLeak | Self::RecursiveIo | Self::InvalidArgument => {
+            Self::FileLeak
+            | Self::WorkItemLeak
+            | Self::ContextLeak
+            | Self::NameInfoMisuse
+            | Self::NameInfoLeak
+            | Self::RecursiveIo
+            | Self::InvalidArgument => {
                 "https://learn.microsoft.com/windows-hardware/drivers/devtest/file-system-filter-verification"
             }
             Self::PendedNeverCompleted => {

@@ -6,6 +6,7 @@
 
 mod driver_control;
 mod error;
+mod policy;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,11 @@ enum Command {
         #[arg(long, default_value = driver_control::SERVICE_NAME)]
         service: String,
     },
+    /// Check, test and compile policy files (works on any host).
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -47,6 +53,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             driver_control::unload(&service)?;
             println!("unloaded {service}");
         }
+        Command::Policy { command } => policy::run(command)?,
     }
     Ok(())
 }

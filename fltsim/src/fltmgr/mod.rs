@@ -4,6 +4,7 @@ pub mod context;
 pub mod dispatch;
 pub mod fileio;
 pub mod instance;
+pub mod names;
 pub mod pending;
 pub mod query;
 pub mod registration;

@@ -239,10 +239,58 @@ enum Created {
 }
 
 /// File objects whose create is in progress, which `IoReplaceFileObjectName` may rename.
-static CREATING: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+static CREATING: Mutex<BTreeMap<usize, (usize, Volume)>> = Mutex::new(BTreeMap::new());
 
 /// File objects the file system has opened whose create is still on its way back up (post-create callbacks).
 static OPENED_IN_CREATE: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+
+/// What the model knows of a file object, for name queries.
+pub(crate) struct FileObjectInfo {
+    /// Its volume.
+    pub(crate) volume: Volume,
+    /// `FileName` as it is now (the name the caller opened, or a filter's replacement).
+    pub(crate) file_name: String,
+    /// The file system's open, once it exists.
+    pub(crate) open: Option<OpenId>,
+    /// Whether its handle is still open (no cleanup yet); true during the create.
+    pub(crate) handle_open: bool,
+    /// Whether its create is in progress (pre-create and the file system have not finished).
+    pub(crate) creating: bool,
+}
+
+/// Describes `file_object`, whether its create is in progress or it is open.
+pub(crate) fn describe(file_object: *const FILE_OBJECT) -> Option<FileObjectInfo> {
+    let name_of = |object: &FILE_OBJECT| {
+        let units = usize::from(object.FileName.Length / 2);
+        if object.FileName.Buffer.is_null() {
+            return String::new();
+        }
+        // SAFETY: a model file object's name buffer holds Length bytes.
+        String::from_utf16_lossy(unsafe { std::slice::from_raw_parts(object.FileName.Buffer, units) })
+    };
+    let creating = CREATING.lock().unwrap_or_else(PoisonError::into_inner).get(&(file_object as usize)).cloned();
+    if let Some((_, volume)) = creating {
+        // SAFETY: the file object of a create in progress, owned by the create's thread, which is waiting in this
+        // create's dispatch while a callback asks.
+        let object = unsafe { &*file_object };
+        return Some(FileObjectInfo {
+            volume,
+            file_name: name_of(object),
+            open: None,
+            handle_open: true,
+            creating: true,
+        });
+    }
+    with_table(|t| {
+        t.files.values().find(|f| std::ptr::eq(&raw const f.file_object.object, file_object)).map(|f| FileObjectInfo {
+            volume: f.volume.clone(),
+            file_name: name_of(&f.file_object.object),
+            open: Some(f.open),
+            handle_open: f.handle_open,
+            creating: false,
+        })
+    })
+}
 
 /// Whether `file_object` is open: created by the file system (post-create on) and not yet closed.
 #[must_use]
@@ -270,7 +318,8 @@ pub unsafe extern "system" fn IoReplaceFileObjectName(
         if !crate::kernel::thread::require_irql_at_most(API, crate::kernel::irql::PASSIVE, DOCS) {
             return STATUS_INVALID_PARAMETER;
         }
-        let boxed = CREATING.lock().unwrap_or_else(PoisonError::into_inner).get(&(file_object as usize)).copied();
+        let boxed =
+            CREATING.lock().unwrap_or_else(PoisonError::into_inner).get(&(file_object as usize)).map(|(b, _)| *b);
         let Some(boxed) = boxed else {
             crate::verifier::report(
                 crate::verifier::Rule::InvalidArgument,
@@ -333,7 +382,7 @@ fn create_once(
     let identity = access_identity(params);
     let object_address = &raw const file_object.object as usize;
     let box_address = &raw mut *file_object as usize;
-    CREATING.lock().unwrap_or_else(PoisonError::into_inner).insert(object_address, box_address);
+    CREATING.lock().unwrap_or_else(PoisonError::into_inner).insert(object_address, (box_address, volume.clone()));
     dispatch(volume.handle, &mut request, |request| {
         // The file system reads the parameters as the filters left them.
         let iopb = request.iopb();

@@ -1413,6 +1413,54 @@ pub fn normalized_name(open: OpenId) -> Result<String, NTSTATUS> {
     name(open)
 }
 
+/// The normalized form of `path` on `volume` without opening it, as Filter Manager builds a normalized name in
+/// pre-create: every existing component replaced by its long name as stored (short names expanded, the stored
+/// case), a final component that does not exist kept as given, `::$DATA` dropped and a named stream kept
+/// (<https://learn.microsoft.com/windows-hardware/drivers/ifs/flt-file-name-information>). Reparse points on the
+/// way are not followed (the name is the one the caller used, through the link).
+///
+/// # Errors
+/// `STATUS_OBJECT_NAME_INVALID` for a malformed path; `STATUS_OBJECT_PATH_NOT_FOUND` when a directory on the way
+/// does not exist.
+pub fn normalize_path(volume: &Volume, path: &str, case_sensitive: bool) -> Result<String, NTSTATUS> {
+    let parsed = names::parse(path)?;
+    with_state(|s| {
+        let vol = s.vol(volume);
+        let mut dir = ROOT_FILE_ID;
+        let mut out = String::new();
+        let last_index = parsed.components.len().saturating_sub(1);
+        for (index, part) in parsed.components.iter().enumerate() {
+            vol.sync(dir);
+            let found = vol
+                .lookup(dir, part, case_sensitive)
+                .and_then(|id| vol.links.get(&id))
+                .map(|l| (l.name.clone(), l.node));
+            out.push('\\');
+            match found {
+                Some((name, node)) => {
+                    out.push_str(&name);
+                    if index < last_index {
+                        if !vol.node(node).is_ok_and(|n| n.directory) {
+                            return Err(STATUS_OBJECT_PATH_NOT_FOUND);
+                        }
+                        dir = node;
+                    }
+                }
+                None if index == last_index => out.push_str(part),
+                None => return Err(STATUS_OBJECT_PATH_NOT_FOUND),
+            }
+        }
+        if out.is_empty() {
+            out.push('\\');
+        }
+        if let StreamSpec::Named(stream) = &parsed.stream {
+            out.push(':');
+            out.push_str(stream);
+        }
+        Ok(out)
+    })
+}
+
 /// The 8.3 short name of the link the open came through, or `None` when its long name is already a legal 8.3
 /// name (or it is the root).
 ///
