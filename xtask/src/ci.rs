@@ -53,6 +53,71 @@ pub fn run_all() -> Result<()> {
     crate::package::run()?;
 
     step("tests");
-    run(&mut cargo(&["test", "--workspace", "--locked"]))?;
+    let totals = run_tests(&mut cargo(&["test", "--workspace", "--locked"]))?;
+    // One plain closing line for the whole run: cargo's own last line is a doc-test summary that is often empty.
+    println!("\ntests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
     Ok(())
+}
+
+/// Test counts summed over every `test result:` line of a cargo test run.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Adds the counts of one libtest summary line (`test result: ok. 3 passed; 0 failed; 1 ignored; ...`).
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result:") else { return };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(count)) = (words.next(), words.next()) else { continue };
+            let Ok(count) = count.parse::<u64>() else { continue };
+            match label {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs the tests, echoing their output, and sums the per-binary results.
+fn run_tests(command: &mut Command) -> Result<Totals> {
+    use std::io::{BufRead, BufReader};
+
+    let shown = format!("{command:?}");
+    let mut child = command.stdout(std::process::Stdio::piped()).spawn()?;
+    let mut totals = Totals::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            totals.add_line(&line);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!("\ntests: {} passed, {} failed, {} skipped", totals.passed, totals.failed.max(1), totals.ignored);
+        anyhow::bail!("{shown} failed with {status}");
+    }
+    Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn libtest_summaries_are_summed() {
+        let mut totals = Totals::default();
+        totals
+            .add_line("test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        totals.add_line("test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
+        totals.add_line("running 3 tests");
+        assert_eq!(totals, Totals { passed: 8, failed: 2, ignored: 1 });
+    }
 }
