@@ -421,6 +421,41 @@ pub const EXPORTS: &[Export] = &[
         "IRQL; live name information, released no more often than referenced",
         "fltkernel/nf-fltkernel-fltreleasefilenameinformation"
     ),
+    export!(
+        "FltAllocateCallbackData",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; an attached instance; an open file object; data never freed is reported at unload",
+        "fltkernel/nf-fltkernel-fltallocatecallbackdata"
+    ),
+    export!(
+        "FltPerformSynchronousIo",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; allocated data; enters below the allocating instance; reads, writes (FILE_WRITE_TO_END_OF_FILE appends atomically), query and set information; other majors are reported as not modelled",
+        "fltkernel/nf-fltkernel-fltperformsynchronousio"
+    ),
+    export!(
+        "FltFreeCallbackData",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; allocated data, freed once",
+        "fltkernel/nf-fltkernel-fltfreecallbackdata"
+    ),
+    export!(
+        "FltQueryInformationFile",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; an attached instance (the query enters below it); an open file object; STATUS_INFO_LENGTH_MISMATCH and STATUS_INVALID_INFO_CLASS as NtQueryInformationFile",
+        "fltkernel/nf-fltkernel-fltqueryinformationfile"
+    ),
+    export!(
+        "FltSetInformationFile",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; an attached instance (the set enters below it); an open file object; basic, position, end of file, disposition, rename and link",
+        "fltkernel/nf-fltkernel-fltsetinformationfile"
+    ),
 ];
 
 /// Imports of a `no_std` driver that are compiler support, not kernel services: the model cannot export these

@@ -75,6 +75,8 @@ pub enum Rule {
     NameInfoMisuse,
     /// Name information was never released before its filter unloaded.
     NameInfoLeak,
+    /// Callback data from `FltAllocateCallbackData` was never freed before its filter unloaded.
+    CallbackDataLeak,
     /// The driver called `KeBugCheckEx`.
     BugCheck,
     /// `KeLeaveCriticalRegion` or `KeLeaveGuardedRegion` without a matching enter.
@@ -133,6 +135,7 @@ impl Rule {
             Self::ContextLeak => "context-leak",
             Self::NameInfoMisuse => "name-info-misuse",
             Self::NameInfoLeak => "name-info-leak",
+            Self::CallbackDataLeak => "callback-data-leak",
             Self::BugCheck => "bugcheck",
             Self::RegionLeaveWithoutEnter => "region-leave-without-enter",
             Self::CallbackStateMismatch => "callback-state-mismatch",
@@ -191,6 +194,7 @@ impl Rule {
             | Self::ContextLeak
             | Self::NameInfoMisuse
             | Self::NameInfoLeak
+            | Self::CallbackDataLeak
             | Self::RecursiveIo
             | Self::InvalidArgument => {
                 "https://learn.microsoft.com/windows-hardware/drivers/devtest/file-system-filter-verification"

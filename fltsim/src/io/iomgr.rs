@@ -17,7 +17,8 @@ use windows_sys::{
         Foundation::{ACCESS_STATE, FILE_OBJECT, IO_SECURITY_CONTEXT, SECTION_OBJECT_POINTERS},
         Storage::FileSystem::{FILE_SYNCHRONOUS_IO_ALERT, FILE_SYNCHRONOUS_IO_NONALERT},
         System::SystemServices::{
-            FO_SYNCHRONOUS_IO, IO_REPARSE, IRP_MJ_CLEANUP, IRP_MJ_CLOSE, IRP_MJ_READ, IRP_MJ_WRITE, SL_CASE_SENSITIVE,
+            FO_SYNCHRONOUS_IO, IO_REPARSE, IRP_MJ_CLEANUP, IRP_MJ_CLOSE, IRP_MJ_QUERY_INFORMATION, IRP_MJ_READ,
+            IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE, SL_CASE_SENSITIVE,
         },
     },
     Win32::{
@@ -702,4 +703,90 @@ pub(crate) fn dereference(handle: &Handle) {
     if !stream_still_open {
         crate::fltmgr::context::stream_closed(stream);
     }
+}
+
+/// Queries information of `class` (a buffer of `length` bytes) through the filters, as `NtQueryInformationFile`.
+///
+/// # Errors
+/// The final status: the class's or the file system's failure, or a filter's.
+pub fn query_information(handle: &Handle, class: i32, length: u32) -> Result<Vec<u8>, NTSTATUS> {
+    let t = target(handle)?;
+    query_from(handle, class, length, Origin::default(), t.kernel_mode)
+}
+
+/// Queries information through the filters from `origin`.
+pub(crate) fn query_from(
+    handle: &Handle,
+    class: i32,
+    length: u32,
+    origin: Origin,
+    kernel_mode: bool,
+) -> Result<Vec<u8>, NTSTATUS> {
+    let t = target(handle)?;
+    let mut buffer = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    let mut request = Request::new(major(IRP_MJ_QUERY_INFORMATION), t.file_object, kernel_mode).from_origin(origin);
+    {
+        let iopb = request.iopb();
+        iopb.Parameters.QueryFileInformation.Length = length;
+        iopb.Parameters.QueryFileInformation.FileInformationClass = class;
+        iopb.Parameters.QueryFileInformation.InfoBuffer = buffer.as_mut_ptr().cast();
+    }
+    dispatch(t.volume.handle, &mut request, |request| {
+        // SAFETY: the union holds the QueryFileInformation parameters for IRP_MJ_QUERY_INFORMATION.
+        let query = unsafe { request.iopb().Parameters.QueryFileInformation };
+        let length = usize::try_from(query.Length).unwrap_or(0).min(buffer.len());
+        match super::info::query(t.open, t.file_object, query.FileInformationClass, length) {
+            Ok(data) => {
+                let n = data.len().min(buffer.len());
+                buffer[..n].copy_from_slice(&data[..n]);
+                request.complete(STATUS_SUCCESS, n);
+            }
+            Err(status) => request.complete(status, 0),
+        }
+    });
+    let status = request.status();
+    if status < 0 {
+        return Err(status);
+    }
+    buffer.truncate(request.information().min(buffer.len()));
+    Ok(buffer)
+}
+
+/// Sets information of `class` from `data` through the filters, as `NtSetInformationFile`.
+///
+/// # Errors
+/// The final status.
+pub fn set_information(handle: &Handle, class: i32, data: &[u8]) -> Result<(), NTSTATUS> {
+    let t = target(handle)?;
+    set_from(handle, class, data, Origin::default(), t.kernel_mode)
+}
+
+/// Sets information through the filters from `origin`.
+pub(crate) fn set_from(
+    handle: &Handle,
+    class: i32,
+    data: &[u8],
+    origin: Origin,
+    kernel_mode: bool,
+) -> Result<(), NTSTATUS> {
+    let t = target(handle)?;
+    let mut buffer = data.to_vec();
+    let mut request = Request::new(major(IRP_MJ_SET_INFORMATION), t.file_object, kernel_mode).from_origin(origin);
+    {
+        let iopb = request.iopb();
+        iopb.Parameters.SetFileInformation.Length = u32::try_from(data.len()).map_err(|_| STATUS_INVALID_PARAMETER)?;
+        iopb.Parameters.SetFileInformation.FileInformationClass = class;
+        iopb.Parameters.SetFileInformation.InfoBuffer = buffer.as_mut_ptr().cast();
+    }
+    dispatch(t.volume.handle, &mut request, |request| {
+        // SAFETY: the union holds the SetFileInformation parameters for IRP_MJ_SET_INFORMATION.
+        let set = unsafe { request.iopb().Parameters.SetFileInformation };
+        let length = usize::try_from(set.Length).unwrap_or(0).min(buffer.len());
+        match super::info::set(t.open, t.file_object, &t.volume, set.FileInformationClass, &buffer[..length]) {
+            Ok(()) => request.complete(STATUS_SUCCESS, 0),
+            Err(status) => request.complete(status, 0),
+        }
+    });
+    let status = request.status();
+    if status < 0 { Err(status) } else { Ok(()) }
 }

@@ -5,6 +5,7 @@
 //! volume (see [`crate::fltmgr::instance`]).
 
 pub mod fs;
+pub mod info;
 pub mod iomgr;
 pub mod volume;
 

@@ -1,0 +1,341 @@
+//! Filter-built operations: `FltAllocateCallbackData`, `FltPerformSynchronousIo`, `FltFreeCallbackData`, and the
+//! information routines `FltQueryInformationFile` / `FltSetInformationFile`.
+//!
+//! The operation a filter builds enters the stack below its instance, like every other filter-initiated I/O. The
+//! model performs reads, writes (including a write at `FILE_WRITE_TO_END_OF_FILE`, which the file system appends
+//! atomically — the documented way to append, since `FltWriteFileEx` does not support that offset), and query and
+//! set information; other operations are reported as not modelled yet.
+
+use std::{
+    collections::BTreeMap,
+    ffi::c_void,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use windows_sys::{
+    Wdk::{
+        Foundation::FILE_OBJECT,
+        Storage::FileSystem::{
+            FILE_INFORMATION_CLASS,
+            Minifilters::{FLT_CALLBACK_DATA, PFLT_FILTER, PFLT_INSTANCE},
+        },
+        System::SystemServices::{IRP_MJ_QUERY_INFORMATION, IRP_MJ_READ, IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE},
+    },
+    Win32::Foundation::{NTSTATUS, STATUS_INVALID_PARAMETER, STATUS_NOT_IMPLEMENTED, STATUS_SUCCESS},
+};
+
+use super::{
+    dispatch::{Origin, Request, dispatch},
+    instance::instances,
+};
+use crate::{
+    guard::guarded,
+    io::{fs, info, iomgr},
+    kernel::{irql, thread},
+    verifier::{self, Rule},
+};
+
+const ALLOCATE_DOCS: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltallocatecallbackdata";
+const PERFORM_DOCS: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltperformsynchronousio";
+const QUERY_DOCS: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltqueryinformationfile";
+
+/// `FILE_WRITE_TO_END_OF_FILE` as a byte offset.
+const WRITE_TO_END_OF_FILE: i64 = -1;
+/// `FILE_USE_FILE_POINTER_POSITION` as a byte offset.
+const USE_FILE_POINTER_POSITION: i64 = -2;
+
+struct Allocated {
+    request: Option<Box<Request>>,
+    filter: PFLT_FILTER,
+    instance: PFLT_INSTANCE,
+}
+
+// SAFETY: the request's raw pointers refer to its own boxes and to driver buffers the driver keeps valid.
+unsafe impl Send for Allocated {}
+
+static ALLOCATED: Mutex<BTreeMap<usize, Allocated>> = Mutex::new(BTreeMap::new());
+
+fn allocated() -> MutexGuard<'static, BTreeMap<usize, Allocated>> {
+    ALLOCATED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn attached(instance: PFLT_INSTANCE) -> Option<(PFLT_FILTER, isize)> {
+    instances().into_iter().find(|i| i.handle == instance && i.attached).map(|i| (i.filter, i.volume))
+}
+
+/// `FltAllocateCallbackData`: ≤ APC_LEVEL; an attached instance; an open file object. The data is freed with
+/// `FltFreeCallbackData`; data never freed is reported at unload.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltallocatecallbackdata>.
+///
+/// # Safety
+/// Called by driver code: `RetNewCallbackData` must be a valid place for the result.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltAllocateCallbackData(
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    ret_new_callback_data: *mut *mut FLT_CALLBACK_DATA,
+) -> NTSTATUS {
+    const API: &str = "FltAllocateCallbackData";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        if !thread::require_irql_at_most(API, irql::APC, ALLOCATE_DOCS) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        let Some((filter, _)) = attached(instance) else {
+            verifier::report(Rule::InvalidArgument, API, format!("{instance:#x} is not an attached instance"));
+            return STATUS_INVALID_PARAMETER;
+        };
+        if ret_new_callback_data.is_null() || !iomgr::is_open_file_object(file_object) {
+            verifier::report(Rule::InvalidArgument, API, "an open file object and a place for the data are required");
+            return STATUS_INVALID_PARAMETER;
+        }
+        let request = Box::new(
+            Request::new(0, file_object.cast_mut(), true)
+                .from_origin(Origin { initiator: Some(filter), below: Some(instance) }),
+        );
+        let data = request.data().cast_mut();
+        allocated().insert(data as usize, Allocated { request: Some(request), filter, instance });
+        // SAFETY: checked non-NULL; the driver passes a place for the data.
+        unsafe { ret_new_callback_data.write(data) };
+        STATUS_SUCCESS
+    })
+}
+
+/// `FltFreeCallbackData`: ≤ DISPATCH_LEVEL; data from `FltAllocateCallbackData`, freed once.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltfreecallbackdata>.
+#[unsafe(no_mangle)]
+pub extern "system" fn FltFreeCallbackData(callback_data: *const FLT_CALLBACK_DATA) {
+    const API: &str = "FltFreeCallbackData";
+    guarded(API, (), || {
+        if !thread::require_irql_at_most(API, irql::DISPATCH, ALLOCATE_DOCS) {
+            return;
+        }
+        if allocated().remove(&(callback_data as usize)).is_none() {
+            verifier::report(Rule::InvalidArgument, API, format!("{callback_data:?} is not allocated callback data"));
+        }
+    });
+}
+
+/// Reads `length` bytes from a driver buffer.
+///
+/// # Safety
+/// `buffer` must hold `length` readable bytes.
+unsafe fn driver_bytes(buffer: *const c_void, length: u32) -> Vec<u8> {
+    if buffer.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: the caller guarantees the buffer.
+    unsafe { std::slice::from_raw_parts(buffer.cast::<u8>(), usize::try_from(length).unwrap_or(0)) }.to_vec()
+}
+
+/// What the file system does for a filter-built operation.
+fn perform(request: &mut Request, open: fs::OpenId, volume: &crate::io::Volume, file_object: *mut FILE_OBJECT) {
+    let major = u32::from(request.iopb().MajorFunction);
+    // SAFETY: the file object is open (checked at allocation and again by the caller).
+    let current = unsafe { file_object.as_ref() }.map_or(0, |f| f.CurrentByteOffset);
+    match major {
+        IRP_MJ_READ => {
+            // SAFETY: the union holds the Read parameters for IRP_MJ_READ.
+            let read = unsafe { request.iopb().Parameters.Read };
+            let offset = if read.ByteOffset == USE_FILE_POINTER_POSITION { current } else { read.ByteOffset };
+            let Ok(offset) = u64::try_from(offset) else { return request.complete(STATUS_INVALID_PARAMETER, 0) };
+            match fs::read(open, offset, usize::try_from(read.Length).unwrap_or(0)) {
+                Ok(data) => {
+                    if !read.ReadBuffer.is_null() {
+                        // SAFETY: the driver's read buffer holds `Length` bytes and `data` is no longer.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(data.as_ptr(), read.ReadBuffer.cast::<u8>(), data.len());
+                        }
+                    }
+                    request.complete(STATUS_SUCCESS, data.len());
+                }
+                Err(status) => request.complete(status, 0),
+            }
+        }
+        IRP_MJ_WRITE => {
+            // SAFETY: the union holds the Write parameters for IRP_MJ_WRITE.
+            let write = unsafe { request.iopb().Parameters.Write };
+            // SAFETY: the driver's write buffer holds `Length` bytes.
+            let data = unsafe { driver_bytes(write.WriteBuffer, write.Length) };
+            let offset = match write.ByteOffset {
+                WRITE_TO_END_OF_FILE => None,
+                USE_FILE_POINTER_POSITION => u64::try_from(current).ok(),
+                other => match u64::try_from(other) {
+                    Ok(at) => Some(at),
+                    Err(_) => return request.complete(STATUS_INVALID_PARAMETER, 0),
+                },
+            };
+            match fs::write(open, offset, &data) {
+                Ok(n) => request.complete(STATUS_SUCCESS, n),
+                Err(status) => request.complete(status, 0),
+            }
+        }
+        IRP_MJ_QUERY_INFORMATION => {
+            // SAFETY: the union holds the QueryFileInformation parameters.
+            let query = unsafe { request.iopb().Parameters.QueryFileInformation };
+            match info::query(open, file_object, query.FileInformationClass, usize::try_from(query.Length).unwrap_or(0))
+            {
+                Ok(bytes) => {
+                    // SAFETY: the driver's buffer holds `Length` bytes, and the answer is no longer.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(bytes.as_ptr(), query.InfoBuffer.cast::<u8>(), bytes.len());
+                    }
+                    request.complete(STATUS_SUCCESS, bytes.len());
+                }
+                Err(status) => request.complete(status, 0),
+            }
+        }
+        IRP_MJ_SET_INFORMATION => {
+            // SAFETY: the union holds the SetFileInformation parameters.
+            let set = unsafe { request.iopb().Parameters.SetFileInformation };
+            // SAFETY: the driver's buffer holds `Length` bytes.
+            let bytes = unsafe { driver_bytes(set.InfoBuffer, set.Length) };
+            match info::set(open, file_object, volume, set.FileInformationClass, &bytes) {
+                Ok(()) => request.complete(STATUS_SUCCESS, 0),
+                Err(status) => request.complete(status, 0),
+            }
+        }
+        other => {
+            verifier::report(
+                Rule::UnsupportedByModel,
+                "FltPerformSynchronousIo",
+                format!("major function {other:#04x} is not modelled for filter-built operations yet"),
+            );
+            request.complete(STATUS_NOT_IMPLEMENTED, 0);
+        }
+    }
+}
+
+/// `FltPerformSynchronousIo`: ≤ APC_LEVEL; data from `FltAllocateCallbackData`; the operation enters below the
+/// allocating instance and completes before the call returns, in `IoStatus`.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltperformsynchronousio>.
+#[unsafe(no_mangle)]
+pub extern "system" fn FltPerformSynchronousIo(callback_data: *mut FLT_CALLBACK_DATA) {
+    const API: &str = "FltPerformSynchronousIo";
+    guarded(API, (), || {
+        if !thread::require_irql_at_most(API, irql::APC, PERFORM_DOCS) {
+            return;
+        }
+        let taken =
+            allocated().get_mut(&(callback_data as usize)).and_then(|a| a.request.take().map(|r| (r, a.instance)));
+        let Some((mut request, instance)) = taken else {
+            verifier::report(
+                Rule::InvalidArgument,
+                API,
+                format!("{callback_data:?} is not allocated callback data (or is in use)"),
+            );
+            return;
+        };
+        let file_object = request.iopb().TargetFileObject;
+        match (iomgr::describe(file_object), attached(instance)) {
+            (Some(file), Some((_, volume))) if file.handle_open => {
+                let open = file.open;
+                dispatch(volume, &mut request, |request| match open {
+                    Some(open) => perform(request, open, &file.volume, file_object),
+                    None => request.complete(STATUS_INVALID_PARAMETER, 0),
+                });
+            }
+            _ => request.complete(windows_sys::Win32::Foundation::STATUS_FILE_CLOSED, 0),
+        }
+        if let Some(slot) = allocated().get_mut(&(callback_data as usize)) {
+            slot.request = Some(request);
+        }
+    });
+}
+
+/// Reports callback data `filter` allocated and never freed; called when its driver unloads.
+pub(crate) fn report_leaks(filter: PFLT_FILTER, after: &str) {
+    let count = allocated().values().filter(|a| a.filter == filter).count();
+    if count > 0 {
+        verifier::report(
+            Rule::CallbackDataLeak,
+            "FltFreeCallbackData",
+            format!("{count} callback data never freed after {after}"),
+        );
+    }
+}
+
+fn information_target(
+    api: &'static str,
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+) -> Option<(iomgr::Handle, PFLT_FILTER)> {
+    if !thread::require_irql_at_most(api, irql::PASSIVE, QUERY_DOCS) {
+        return None;
+    }
+    let Some((filter, _)) = attached(instance) else {
+        verifier::report(Rule::InvalidArgument, api, format!("{instance:#x} is not an attached instance"));
+        return None;
+    };
+    let Some(handle) = iomgr::handle_of(file_object) else {
+        verifier::report(Rule::InvalidArgument, api, format!("{file_object:?} is not an open file object"));
+        return None;
+    };
+    Some((handle, filter))
+}
+
+/// `FltQueryInformationFile`: PASSIVE_LEVEL; an attached instance (the query enters below it); an open file
+/// object; the class's and the file system's answers.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltqueryinformationfile>.
+///
+/// # Safety
+/// Called by driver code: `FileInformation` must hold `Length` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltQueryInformationFile(
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    file_information: *mut c_void,
+    length: u32,
+    file_information_class: FILE_INFORMATION_CLASS,
+    length_returned: *mut u32,
+) -> NTSTATUS {
+    const API: &str = "FltQueryInformationFile";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        let Some((handle, filter)) = information_target(API, instance, file_object) else {
+            return STATUS_INVALID_PARAMETER;
+        };
+        let origin = Origin { initiator: Some(filter), below: Some(instance) };
+        match iomgr::query_from(&handle, file_information_class, length, origin, true) {
+            Ok(bytes) => {
+                // SAFETY: the driver's buffer holds `Length` bytes, and the answer is no longer.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), file_information.cast::<u8>(), bytes.len()) };
+                if !length_returned.is_null() {
+                    // SAFETY: the driver passes a place for the length.
+                    unsafe { length_returned.write(u32::try_from(bytes.len()).unwrap_or(u32::MAX)) };
+                }
+                STATUS_SUCCESS
+            }
+            Err(status) => status,
+        }
+    })
+}
+
+/// `FltSetInformationFile`: PASSIVE_LEVEL; an attached instance (the set enters below it); an open file object.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsetinformationfile>.
+///
+/// # Safety
+/// Called by driver code: `FileInformation` must hold `Length` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltSetInformationFile(
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    file_information: *const c_void,
+    length: u32,
+    file_information_class: FILE_INFORMATION_CLASS,
+) -> NTSTATUS {
+    const API: &str = "FltSetInformationFile";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        let Some((handle, filter)) = information_target(API, instance, file_object) else {
+            return STATUS_INVALID_PARAMETER;
+        };
+        // SAFETY: the driver's buffer holds `Length` bytes.
+        let bytes = unsafe { driver_bytes(file_information, length) };
+        let origin = Origin { initiator: Some(filter), below: Some(instance) };
+        match iomgr::set_from(&handle, file_information_class, &bytes, origin, true) {
+            Ok(()) => STATUS_SUCCESS,
+            Err(status) => status,
+        }
+    })
+}
