@@ -77,6 +77,9 @@ pub enum Rule {
     NameInfoLeak,
     /// Callback data from `FltAllocateCallbackData` was never freed before its filter unloaded.
     CallbackDataLeak,
+    /// Cached (non-paging, buffered) I/O was issued while servicing paging I/O: the cache manager may need the very
+    /// resources the paging I/O holds, a deadlock.
+    CachedIoFromPagingPath,
     /// The driver called `KeBugCheckEx`.
     BugCheck,
     /// `KeLeaveCriticalRegion` or `KeLeaveGuardedRegion` without a matching enter.
@@ -97,6 +100,18 @@ pub enum Rule {
     InvalidKernelObject,
     /// A push lock was acquired recursively, released by a thread that does not hold it, or deleted while held.
     PushLockMisuse,
+    /// A communication server port was still open when its filter unloaded (`FltCloseCommunicationPort` never
+    /// called).
+    PortLeak,
+    /// A client port was still open when its filter unloaded: the driver did not call `FltCloseClientPort`, normally
+    /// from its disconnect callback.
+    ClientPortLeak,
+    /// A raw user buffer of a port message was accessed other than through a safe copy routine, from another
+    /// process, or not at all where a direct access is the only explanation.
+    UserBufferUnsafeAccess,
+    /// The same bytes of a raw user buffer were read twice during one message: a double fetch, which another user
+    /// thread can exploit by changing the buffer between the reads.
+    UserBufferDoubleFetch,
     /// The model itself failed (a panic inside an export): a bug in fltsim, never in the driver.
     ModelFault,
 }
@@ -136,6 +151,7 @@ impl Rule {
             Self::NameInfoMisuse => "name-info-misuse",
             Self::NameInfoLeak => "name-info-leak",
             Self::CallbackDataLeak => "callback-data-leak",
+            Self::CachedIoFromPagingPath => "cached-io-from-paging-path",
             Self::BugCheck => "bugcheck",
             Self::RegionLeaveWithoutEnter => "region-leave-without-enter",
             Self::CallbackStateMismatch => "callback-state-mismatch",
@@ -144,6 +160,10 @@ impl Rule {
             Self::WaitNeedsDisabledApc => "wait-needs-disabled-apc",
             Self::InvalidKernelObject => "invalid-kernel-object",
             Self::PushLockMisuse => "push-lock-misuse",
+            Self::PortLeak => "port-leak",
+            Self::ClientPortLeak => "client-port-leak",
+            Self::UserBufferUnsafeAccess => "user-buffer-unsafe-access",
+            Self::UserBufferDoubleFetch => "user-buffer-double-fetch",
             Self::ModelFault => "model-fault",
         }
     }
@@ -186,6 +206,9 @@ impl Rule {
             Self::UncheckedOpenForUser => {
                 "https://learn.microsoft.com/windows-hardware/drivers/ddi/ntddk/nf-ntddk-iocreatefileex"
             }
+            Self::CachedIoFromPagingPath => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ifs/constraints-on-dispatch-routines"
+            }
             Self::ContextMisuse => {
                 "https://learn.microsoft.com/windows-hardware/drivers/debugger/bug-check-0xf5--fltmgr-file-system"
             }
@@ -221,6 +244,18 @@ impl Rule {
             }
             Self::PushLockMisuse => {
                 "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltacquirepushlockexclusive"
+            }
+            Self::PortLeak => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltclosecommunicationport"
+            }
+            Self::ClientPortLeak => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltcloseclientport"
+            }
+            Self::UserBufferUnsafeAccess => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_message_notify"
+            }
+            Self::UserBufferDoubleFetch => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-probeforread"
             }
             Self::ModelFault => "fltsim/README.md",
         }

@@ -229,6 +229,20 @@ pub extern "system" fn FltPerformSynchronousIo(callback_data: *mut FLT_CALLBACK_
             return;
         };
         let file_object = request.iopb().TargetFileObject;
+        let irp_flags = request.iopb().IrpFlags;
+        let major = u32::from(request.iopb().MajorFunction);
+        let data_io = major == IRP_MJ_READ || major == IRP_MJ_WRITE;
+        let uncached = irp_flags
+            & (windows_sys::Wdk::System::SystemServices::IRP_NOCACHE
+                | windows_sys::Wdk::System::SystemServices::IRP_PAGING_IO)
+            != 0;
+        if data_io && !uncached && super::dispatch::servicing_paging_io() {
+            verifier::report(
+                Rule::CachedIoFromPagingPath,
+                API,
+                "a cached read or write built while this thread services paging I/O (set IRP_NOCACHE)",
+            );
+        }
         match (iomgr::describe(file_object), attached(instance)) {
             (Some(file), Some((_, volume))) if file.handle_open => {
                 let open = file.open;

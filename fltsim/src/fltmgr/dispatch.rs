@@ -74,6 +74,14 @@ pub struct CallbackFrame {
 thread_local! {
     static FRAMES: RefCell<Vec<CallbackFrame>> = const { RefCell::new(Vec::new()) };
     static NESTING: RefCell<usize> = const { RefCell::new(0) };
+    static PAGING: RefCell<usize> = const { RefCell::new(0) };
+}
+
+/// Whether this thread is inside the dispatch of a paging I/O operation (its filters' callbacks, the file system):
+/// I/O issued from there must not go through the cache ([`Rule::CachedIoFromPagingPath`]).
+#[must_use]
+pub fn servicing_paging_io() -> bool {
+    PAGING.with(|p| *p.borrow() > 0)
 }
 
 /// The filter callbacks running on this thread, innermost last.
@@ -140,6 +148,14 @@ impl Request {
     #[must_use]
     pub fn from_origin(mut self, origin: Origin) -> Self {
         self.origin = origin;
+        self
+    }
+
+    /// Marks the operation as a file-system filter callback operation (such as section synchronization) rather than
+    /// an IRP.
+    #[must_use]
+    pub fn fs_filter_operation(mut self) -> Self {
+        self.data.Flags = windows_sys::Wdk::Storage::FileSystem::Minifilters::FLTFL_CALLBACK_DATA_FS_FILTER_OPERATION;
         self
     }
 
@@ -244,6 +260,10 @@ pub fn dispatch(volume: PFLT_VOLUME, request: &mut Request, file_system: impl Fn
         *n = n.saturating_add(1);
         *n
     });
+    let paging = request.iopb.IrpFlags & windows_sys::Wdk::System::SystemServices::IRP_PAGING_IO != 0;
+    if paging {
+        PAGING.with(|p| *p.borrow_mut() += 1);
+    }
     if depth > MAX_NESTING {
         verifier::report(
             Rule::RecursiveIo,
@@ -255,6 +275,9 @@ pub fn dispatch(volume: PFLT_VOLUME, request: &mut Request, file_system: impl Fn
         dispatch_stack(volume, request, file_system);
     }
     NESTING.with(|n| *n.borrow_mut() = depth.saturating_sub(1));
+    if paging {
+        PAGING.with(|p| *p.borrow_mut() -= 1);
+    }
 }
 
 fn dispatch_stack(volume: PFLT_VOLUME, request: &mut Request, file_system: impl FnOnce(&mut Request)) {

@@ -341,6 +341,19 @@ fn check_io(
     callback: PFLT_COMPLETED_ASYNC_IO_CALLBACK,
     mdl: *const MDL,
 ) -> Result<(iomgr::Handle, PFLT_FILTER, Option<u64>), NTSTATUS> {
+    if super::dispatch::servicing_paging_io()
+        && flags
+            & (FLTFL_IO_OPERATION_NON_CACHED
+                | windows_sys::Wdk::Storage::FileSystem::Minifilters::FLTFL_IO_OPERATION_PAGING)
+            == 0
+    {
+        verifier::report(
+            Rule::CachedIoFromPagingPath,
+            api,
+            "cached I/O issued while this thread services paging I/O: the cache manager may need resources the paging \
+             I/O holds (issue it non-cached, FLTFL_IO_OPERATION_NON_CACHED, or not at all)",
+        );
+    }
     if !check_context(api, docs, false) {
         return Err(STATUS_INVALID_PARAMETER);
     }

@@ -18,7 +18,7 @@ use windows_sys::{
         Storage::FileSystem::{FILE_SYNCHRONOUS_IO_ALERT, FILE_SYNCHRONOUS_IO_NONALERT},
         System::SystemServices::{
             FO_SYNCHRONOUS_IO, IO_REPARSE, IRP_MJ_CLEANUP, IRP_MJ_CLOSE, IRP_MJ_QUERY_INFORMATION, IRP_MJ_READ,
-            IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE, SL_CASE_SENSITIVE,
+            IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE, IRP_NOCACHE, IRP_PAGING_IO, SL_CASE_SENSITIVE,
         },
     },
     Win32::{
@@ -576,6 +576,12 @@ pub(crate) fn read_from(
         // SAFETY: the union holds the Read parameters for IRP_MJ_READ.
         let read = unsafe { request.iopb().Parameters.Read };
         let from = u64::try_from(read.ByteOffset).unwrap_or(u64::MAX);
+        let cached = request.iopb().IrpFlags & (IRP_NOCACHE | IRP_PAGING_IO) == 0;
+        if cached {
+            // The file system copies from the cache; the pages it lacks fault in under this read.
+            let outer = request.data() as usize;
+            super::mm::fault_for_cached_read(handle, from, usize::try_from(read.Length).unwrap_or(0), outer);
+        }
         match fs::read(t.open, from, usize::try_from(read.Length).unwrap_or(0)) {
             Ok(data) => {
                 let n = data.len().min(buffer.len());
@@ -789,4 +795,24 @@ pub(crate) fn set_from(
     });
     let status = request.status();
     if status < 0 { Err(status) } else { Ok(()) }
+}
+
+/// The file object and volume behind `handle`.
+pub(crate) fn file_object_and_volume(handle: &Handle) -> Result<(*mut FILE_OBJECT, Volume), NTSTATUS> {
+    with_open(handle, |f| (&raw mut f.file_object.object, f.volume.clone()))
+}
+
+/// The file system's open behind `handle`.
+pub(crate) fn open_of(handle: &Handle) -> Result<OpenId, NTSTATUS> {
+    with_open(handle, |f| f.open)
+}
+
+/// Records that a section exists for the stream of `handle` (its `SECTION_OBJECT_POINTERS.DataSectionObject`).
+pub(crate) fn mark_section(handle: &Handle) {
+    let _ = with_open(handle, |f| {
+        // SAFETY: the section object pointers belong to the stream, which outlives its open files.
+        if let Some(section) = unsafe { f.file_object.object.SectionObjectPointer.as_mut() } {
+            section.DataSectionObject = (&raw mut f.file_object.object).cast();
+        }
+    });
 }

@@ -7,6 +7,7 @@
 pub mod fs;
 pub mod info;
 pub mod iomgr;
+pub mod mm;
 pub mod volume;
 
 pub use volume::{Volume, VolumeSpec, mount, volumes};
