@@ -27,6 +27,7 @@ pub mod isolate;
 pub mod kernel;
 pub mod loader;
 pub mod registry;
+pub mod testfilters;
 pub mod verifier;
 
 mod guard;

@@ -220,3 +220,40 @@ scenario! {
         let _ = std::fs::remove_dir_all(&root);
     }
 }
+
+scenario! {
+    /// Shunt under the test filters of the fltsim issue: a filter above that pends creates and replays them from a
+    /// system worker, and one that reads at APC_LEVEL, in a guarded region and with a top-level IRP set. Shunt
+    /// breaks no rule in any of those contexts.
+    fn shunt_survives_the_contexts_filters_above_it_create() {
+        use fltsim::{
+            io::{self, VolumeSpec, iomgr},
+            testfilters::{context_reader, poster},
+        };
+
+        let root = std::env::temp_dir().join(format!("shunt-contexts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("volume root");
+        std::fs::write(root.join("data.txt"), b"context").expect("seed");
+        io::mount(VolumeSpec::ntfs('C', &root));
+        install_shunt_inf();
+        let mut shunt = fltsim::load(shunt::SERVICE_NAME, shunt::DriverEntry).expect("shunt");
+        let mut reader = context_reader::load().expect("reader");
+        let mut posting = poster::load().expect("poster");
+        let handle = iomgr::create(r"C:\data.txt", &iomgr::OpenParams::default()).expect("open through all three");
+        assert_eq!(poster::replayed(), 1);
+        for context in [
+            context_reader::Context::ApcLevel,
+            context_reader::Context::GuardedRegion,
+            context_reader::Context::TopLevelIrp,
+        ] {
+            assert_eq!(context_reader::read(0, 7, context).1, b"context", "{context:?}");
+        }
+        iomgr::close(handle);
+        posting.unload(false).expect("unload");
+        reader.unload(false).expect("unload");
+        shunt.unload(false).expect("unload");
+        let reports = verifier::take_reports();
+        assert!(reports.is_empty(), "{reports:#?}");
+    }
+}
