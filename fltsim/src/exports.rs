@@ -456,6 +456,69 @@ pub const EXPORTS: &[Export] = &[
         "IRQL; an attached instance (the set enters below it); an open file object; basic, position, end of file, disposition, rename and link",
         "fltkernel/nf-fltkernel-fltsetinformationfile"
     ),
+    export!(
+        "FltCreateCommunicationPort",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; a registered filter; ServerPort and ObjectAttributes; Length; OBJ_KERNEL_HANDLE (else STATUS_INVALID_PARAMETER); a name; connect and disconnect callbacks; MaxConnections > 0; STATUS_OBJECT_NAME_COLLISION; captures what the descriptor grants; ports open at unload are reported",
+        "fltkernel/nf-fltkernel-fltcreatecommunicationport"
+    ),
+    export!(
+        "FltCloseCommunicationPort",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; an open server port, closed once; existing connections stay",
+        "fltkernel/nf-fltkernel-fltclosecommunicationport"
+    ),
+    export!(
+        "FltCloseClientPort",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; a non-NULL pointer to an open client port of the filter; sets it to NULL; client ports open at unload are reported",
+        "fltkernel/nf-fltkernel-fltcloseclientport"
+    ),
+    export!(
+        "FltBuildDefaultSecurityDescriptor",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; paged pool (failure injection applies); grants SYSTEM and administrators only",
+        "fltkernel/nf-fltkernel-fltbuilddefaultsecuritydescriptor"
+    ),
+    export!(
+        "FltFreeSecurityDescriptor",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; only a descriptor FltBuildDefaultSecurityDescriptor returned, freed once",
+        "fltkernel/nf-fltkernel-fltfreesecuritydescriptor"
+    ),
+    export!(
+        "MmCopyMemory",
+        "ntoskrnl.exe",
+        "APC_LEVEL",
+        "IRQL; exactly one of VIRTUAL and PHYSICAL (physical not modelled); a faulting user buffer answers an error, never a crash; double fetches and copies outside the client's process are reported",
+        "ntddk/nf-ntddk-mmcopymemory"
+    ),
+    export!(
+        "ZwCreateFile",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; special kernel APCs deliverable (not in a guarded region: else STATUS_POSSIBLE_DEADLOCK and a report); enters the stack at the top, so a filter's own call re-enters it; OBJ_FORCE_ACCESS_CHECK on a user's behalf",
+        "wdm/nf-wdm-zwcreatefile"
+    ),
+    export!(
+        "ZwReadFile",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; special kernel APCs deliverable; enters the stack at the top",
+        "wdm/nf-wdm-zwreadfile"
+    ),
+    export!(
+        "ZwClose",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; an open kernel handle, closed once",
+        "wdm/nf-wdm-zwclose"
+    ),
 ];
 
 /// Imports of a `no_std` driver that are compiler support, not kernel services: the model cannot export these

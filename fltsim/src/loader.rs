@@ -209,6 +209,7 @@ impl LoadedDriver {
             crate::fltmgr::pending::report_leaks(filter.handle, after);
             crate::fltmgr::context::report_leaks(filter.handle, after);
             crate::fltmgr::names::report_leaks(filter.handle, after);
+            crate::fltmgr::port::report_leaks(filter.handle, after);
             crate::fltmgr::callback_data::report_leaks(filter.handle, after);
         }
         for leak in pool::live().into_iter().filter(|a| !self.pool_before.contains(&a.address)) {

@@ -68,6 +68,26 @@ fn handles() -> MutexGuard<'static, Option<KernelHandles>> {
     HANDLES.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Registers `handle` as a new kernel handle opened by `filter` and returns its value.
+pub(crate) fn new_kernel_handle(handle: &iomgr::Handle, filter: PFLT_FILTER) -> usize {
+    with_handles(|h| {
+        h.next = h.next.saturating_add(4);
+        let value = 0xFFFF_8000_0000_0000_usize | h.next;
+        h.handles.insert(value, (handle.id(), filter));
+        value
+    })
+}
+
+/// The open behind a kernel handle value.
+pub(crate) fn kernel_handle(value: usize) -> Option<iomgr::Handle> {
+    with_handles(|h| h.handles.get(&value).map(|(id, _)| iomgr::Handle::from_id(*id)))
+}
+
+/// Removes a kernel handle, returning its open.
+pub(crate) fn remove_kernel_handle(value: usize) -> Option<iomgr::Handle> {
+    with_handles(|h| h.handles.remove(&value).map(|(id, _)| iomgr::Handle::from_id(id)))
+}
+
 fn with_handles<T>(f: impl FnOnce(&mut KernelHandles) -> T) -> T {
     f(handles().get_or_insert_with(|| KernelHandles { next: 0, handles: BTreeMap::new() }))
 }
@@ -254,12 +274,7 @@ pub unsafe extern "system" fn FltCreateFileEx2(
             }
         }
         let Ok(handle) = result else { return status };
-        let value = with_handles(|h| {
-            h.next = h.next.saturating_add(4);
-            let value = 0xFFFF_8000_0000_0000_usize | h.next;
-            h.handles.insert(value, (handle.id(), filter));
-            value
-        });
+        let value = new_kernel_handle(&handle, filter);
         // SAFETY: checked non-NULL; the driver passes a place for the handle.
         unsafe { file_handle.write(value as HANDLE) };
         if !file_object.is_null() {

@@ -7,6 +7,7 @@ pub mod fileio;
 pub mod instance;
 pub mod names;
 pub mod pending;
+pub mod port;
 pub mod query;
 pub mod registration;
 

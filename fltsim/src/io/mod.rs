@@ -9,5 +9,6 @@ pub mod info;
 pub mod iomgr;
 pub mod mm;
 pub mod volume;
+pub mod zw;
 
 pub use volume::{Volume, VolumeSpec, mount, volumes};
