@@ -519,6 +519,20 @@ pub const EXPORTS: &[Export] = &[
         "IRQL; an open kernel handle, closed once",
         "wdm/nf-wdm-zwclose"
     ),
+    export!(
+        "ZwOpenKey",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; an existing key by full name or relative to an open key (case-insensitive); closed with ZwClose",
+        "wdm/nf-wdm-zwopenkey"
+    ),
+    export!(
+        "ZwQueryValueKey",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; an open key; KeyValuePartialInformation (REG_SZ, REG_DWORD, REG_MULTI_SZ); STATUS_BUFFER_TOO_SMALL / STATUS_BUFFER_OVERFLOW with the size needed",
+        "wdm/nf-wdm-zwqueryvaluekey"
+    ),
 ];
 
 /// Imports of a `no_std` driver that are compiler support, not kernel services: the model cannot export these

@@ -27,6 +27,7 @@ pub mod isolate;
 pub mod kernel;
 pub mod loader;
 pub mod registry;
+pub mod registry_api;
 pub mod testfilters;
 pub mod verifier;
 

@@ -9,10 +9,15 @@
 //! `node\**` rules, and the glob rules whose literal prefix ends at the node. `node\**\*.ext` rules hang below a
 //! second kind of node keyed by (parent node, upcased last extension).
 //!
-//! Matching walks the path once, component by component, following the trie. At each node it checks that node's
-//! subtree rules, looks its suffix table up with the path's last extension, and tries its glob rules; at the end it
-//! checks the exact rules. Each step is a hash of one component and a bounded comparison, so the cost grows with the
-//! path's length and not with the number of rules — except for glob rules, which are tried one by one.
+//! Matching walks the path once, component by component, following the trie, and leaves at the first component
+//! no rule continues with (most names leave within a few components). Each component is read once, four units at a
+//! time: its end, its upcased hash and any `:` or `~` come out of the same pass; a slot entry carries high hash
+//! bits beside the node index, so a probe rarely reads a node that is not the one sought. At each node with rules
+//! below it the walk checks the subtree rules, looks the suffix table up with the path's last extension, and tries
+//! the glob rules; at the end it checks the exact rules. The stream suffix is split off only when a rule matches
+//! or the path holds a `:` the walk did not reach. Each step is a hash of one component and a bounded comparison,
+//! so the cost grows with the path's length and not with the number of rules — except for glob rules, which are
+//! tried one by one.
 
 use alloc::{collections::TryReserveError, vec::Vec};
 use core::fmt;
@@ -21,7 +26,7 @@ use crate::{
     name::{self, COLON, Components, DOT, SEPARATOR, Volume, check_component, is_valid_utf16, split_volume},
     pattern::{self, GLOBSTAR, PatternClass, Shape},
     policy::{Access, Field, MAX_NAME_UNITS, MAX_PATH_UNITS, MAX_RULES, Method, PolicyError, Problem, RuleSpec},
-    upcase::{eq_ignore_case, name_eq, upcase, upcase_ascii},
+    upcase::{eq_ignore_case, name_eq, upcase},
 };
 
 const NIL: u32 = u32::MAX;
@@ -113,7 +118,6 @@ const NODE_HAS_CHILDREN: u8 = 4;
 #[derive(Clone, Copy, Debug)]
 struct Node {
     parent: u32,
-    hash: u32,
     text_start: u32,
     exact: u32,
     subtree: u32,
@@ -123,8 +127,8 @@ struct Node {
 }
 
 impl Node {
-    fn new(parent: u32, hash: u32, text: Span, flags: u8) -> Self {
-        Self { parent, hash, text_start: text.start, exact: NIL, subtree: NIL, glob: NIL, text_len: text.len, flags }
+    fn new(parent: u32, text: Span, flags: u8) -> Self {
+        Self { parent, text_start: text.start, exact: NIL, subtree: NIL, glob: NIL, text_len: text.len, flags }
     }
 
     fn text(&self) -> Span {
@@ -181,8 +185,13 @@ pub struct CompiledPolicy {
     rules: Vec<CompiledRule>,
     volumes: Vec<Volume>,
     nodes: Vec<Node>,
-    /// Open addressing over `nodes` (index, or `NIL`); its length is a power of two.
+    /// Open addressing over `nodes` (`NIL` for an empty slot); its length is a power of two. An entry holds the
+    /// node's index in its low bits (`index_mask`) and the high bits of the node's hash above them, so a probe
+    /// rejects most other keys without reading their node.
     slots: Vec<u32>,
+    /// The bits of a slot entry that hold the node index: all of them while the trie is built, the fewest that
+    /// can hold every index once it is done (so that no entry equals `NIL`).
+    index_mask: u32,
 }
 
 /// One rule of a compiled policy.
@@ -209,12 +218,6 @@ enum ProcessFilter<'i> {
     Any,
     /// The given image, or an unknown one (`None`), which only matches rules without a condition.
     Image(Option<&'i [u16]>),
-}
-
-impl ProcessFilter<'_> {
-    fn is_any(self) -> bool {
-        matches!(self, Self::Any)
-    }
 }
 
 /// Which rules a walk may return.
@@ -245,26 +248,164 @@ pub(crate) struct Parsed<'p> {
     final_component: &'p [u16],
 }
 
-/// Hashes a key: the parent node, the key kind and the upcased text, four units per multiplication.
+// Component hashing works on four UTF-16 units at a time packed into a `u64` (lane `i` is bits `16 i..16 i + 16`),
+// so that finding the end of a component, upcasing it, hashing it and spotting `:` and `~` in it take one pass and
+// one multiplication per four units. The lane tricks are the classic "has a zero byte" ones, on 16-bit lanes.
+const LANES_ONE: u64 = 0x0001_0001_0001_0001;
+const LANES_HIGH: u64 = 0x8000_8000_8000_8000;
+const LANES_NON_ASCII: u64 = 0xFF80_FF80_FF80_FF80;
+const LANES_SEPARATOR: u64 = 0x005C_005C_005C_005C;
+const LANES_COLON: u64 = 0x003A_003A_003A_003A;
+const LANES_TILDE: u64 = 0x007E_007E_007E_007E;
+const HASH_K: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Packs four units into lanes.
 #[inline]
+fn pack(units: [u16; 4]) -> u64 {
+    let [a, b, c, d] = units;
+    u64::from(a) | u64::from(b).wrapping_shl(16) | u64::from(c).wrapping_shl(32) | u64::from(d).wrapping_shl(48)
+}
+
+/// Packs up to four units into lanes, filling the lanes past them with `pad` (without a call to `memcpy`).
+#[expect(clippy::inline_always, reason = "measured: left to the compiler, the scan and compare loops call it")]
+#[inline(always)]
+fn pack_padded(units: &[u16], pad: u16) -> u64 {
+    let unit = |i: usize| units.get(i).copied().unwrap_or(pad);
+    pack([unit(0), unit(1), unit(2), unit(3)])
+}
+
+/// Marks (with the lane's top bit) the lanes of `lanes` equal to `pattern`'s. The lowest mark is exact; marks above
+/// a true one may be spurious (a borrow), so callers use only the lowest mark or whether there is any.
+#[inline]
+fn lanes_equal(lanes: u64, pattern: u64) -> u64 {
+    let v = lanes ^ pattern;
+    v.wrapping_sub(LANES_ONE) & !v & LANES_HIGH
+}
+
+/// Upcases four lanes: branch-free when all are ASCII, with the table otherwise.
+#[expect(clippy::inline_always, reason = "measured: left to the compiler, the scan and compare loops call it")]
+#[inline(always)]
+fn upcase_lanes(lanes: u64) -> u64 {
+    if lanes & LANES_NON_ASCII == 0 {
+        // Every lane is below 0x80, so these additions carry into no other lane; bit 7 of a lane is then set in
+        // `above_a` for lanes >= `a` and in `above_z` for lanes > `z`.
+        let above_a = lanes.wrapping_add(0x001F_001F_001F_001F);
+        let above_z = lanes.wrapping_add(0x0005_0005_0005_0005);
+        let lower = above_a & !above_z & 0x0080_0080_0080_0080;
+        return lanes.wrapping_sub(lower.wrapping_shr(2));
+    }
+    upcase_lanes_with_table(lanes)
+}
+
+/// [`upcase_lanes`] for lanes that are not all ASCII: kept out of line so that the ASCII path stays small.
+#[cold]
+#[inline(never)]
+fn upcase_lanes_with_table(lanes: u64) -> u64 {
+    let [b0, b1, b2, b3, b4, b5, b6, b7] = lanes.to_le_bytes();
+    pack([
+        upcase(u16::from_le_bytes([b0, b1])),
+        upcase(u16::from_le_bytes([b2, b3])),
+        upcase(u16::from_le_bytes([b4, b5])),
+        upcase(u16::from_le_bytes([b6, b7])),
+    ])
+}
+
+/// The hash state before a key's text: the parent node and the key kind.
+#[inline]
+fn hash_seed(parent: u32, kind: u8) -> u64 {
+    (u64::from(parent).wrapping_shl(8) | u64::from(kind)) ^ 0xA076_1D64_78BD_642F
+}
+
+#[inline]
+fn hash_mix(hash: u64, upcased: u64) -> u64 {
+    (hash ^ upcased).wrapping_mul(HASH_K).rotate_left(29)
+}
+
+#[inline]
+fn hash_finish(hash: u64, len: usize) -> u32 {
+    let len = u64::try_from(len).unwrap_or(u64::MAX);
+    u32::try_from((hash ^ len).wrapping_mul(HASH_K).wrapping_shr(32)).unwrap_or(0)
+}
+
+/// Hashes a key: the parent node, the key kind and the upcased text, four units per multiplication. The last,
+/// partial (possibly empty) group is padded with zeros: exactly what [`scan_component`] computes on a path.
 fn hash_key(parent: u32, kind: u8, text: &[u16]) -> u32 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut hash = (u64::from(parent).wrapping_shl(8) | u64::from(kind)) ^ 0xA076_1D64_78BD_642F;
+    let mut hash = hash_seed(parent, kind);
     let mut chunks = text.chunks_exact(4);
     for chunk in &mut chunks {
         if let [a, b, c, d] = *chunk {
-            let up = if (a | b | c | d) < 0x80 { upcase_ascii } else { upcase };
-            let packed = u64::from(up(a))
-                | u64::from(up(b)).wrapping_shl(16)
-                | u64::from(up(c)).wrapping_shl(32)
-                | u64::from(up(d)).wrapping_shl(48);
-            hash = (hash ^ packed).wrapping_mul(K).rotate_left(29);
+            hash = hash_mix(hash, upcase_lanes(pack([a, b, c, d])));
         }
     }
-    let tail = chunks.remainder().iter().fold(0u64, |tail, &unit| tail.wrapping_shl(16) | u64::from(upcase(unit)));
-    let length = u64::try_from(text.len()).unwrap_or(u64::MAX).wrapping_shl(56);
-    hash = (hash ^ tail ^ length).wrapping_mul(K);
-    u32::try_from(hash.wrapping_shr(32)).unwrap_or(0)
+    hash = hash_mix(hash, upcase_lanes(pack_padded(chunks.remainder(), 0)));
+    hash_finish(hash, text.len())
+}
+
+/// Whether a node's text equals a component, both upcased: [`eq_ignore_case`] four units at a time.
+#[inline]
+fn eq_upcased(a: &[u16], b: &[u16]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (mut a_chunks, mut b_chunks) = (a.chunks_exact(4), b.chunks_exact(4));
+    for (x, y) in (&mut a_chunks).zip(&mut b_chunks) {
+        if let (&[a0, a1, a2, a3], &[b0, b1, b2, b3]) = (x, y) {
+            let (x, y) = (pack([a0, a1, a2, a3]), pack([b0, b1, b2, b3]));
+            if x != y && upcase_lanes(x) != upcase_lanes(y) {
+                return false;
+            }
+        }
+    }
+    let (x, y) = (pack_padded(a_chunks.remainder(), 0), pack_padded(b_chunks.remainder(), 0));
+    x == y || upcase_lanes(x) == upcase_lanes(y)
+}
+
+/// One component of a path, as [`scan_component`] read it.
+struct Scanned {
+    /// Where the component ends (a separator or the path's end).
+    end: usize,
+    /// [`hash_key`] of the component below the node whose seed was given.
+    hash: u32,
+    colon: bool,
+    /// Whether the component holds a `~`; only looked for if `TILDE`.
+    tilde: bool,
+}
+
+/// Reads the component starting at `start` (not a separator) in one pass: its end, its hash, whether it holds a
+/// `:` and (if `TILDE`) a `~`. Four units per step; the units past the path's end read as separators.
+#[inline]
+fn scan_component<const TILDE: bool>(path: &[u16], start: usize, seed: u64) -> Scanned {
+    let mut hash = seed;
+    let mut colon = 0u64;
+    let mut tilde = 0u64;
+    let tail = path.get(start..).unwrap_or_default();
+    let mut chunks = tail.chunks_exact(4);
+    let mut at = start;
+    let last = loop {
+        let Some(&[a, b, c, d]) = chunks.next() else {
+            break pack_padded(chunks.remainder(), SEPARATOR);
+        };
+        let lanes = pack([a, b, c, d]);
+        if lanes_equal(lanes, LANES_SEPARATOR) != 0 {
+            break lanes;
+        }
+        colon |= lanes_equal(lanes, LANES_COLON);
+        if TILDE {
+            tilde |= lanes_equal(lanes, LANES_TILDE);
+        }
+        hash = hash_mix(hash, upcase_lanes(lanes));
+        at = at.saturating_add(4);
+    };
+    // `last` holds a separator: keep the lanes before the first one.
+    let lane_bits = lanes_equal(last, LANES_SEPARATOR).trailing_zeros().saturating_sub(15);
+    let lanes = last & 1u64.wrapping_shl(lane_bits).wrapping_sub(1);
+    colon |= lanes_equal(lanes, LANES_COLON);
+    if TILDE {
+        tilde |= lanes_equal(lanes, LANES_TILDE);
+    }
+    hash = hash_mix(hash, upcase_lanes(lanes));
+    let end = at.saturating_add((lane_bits / 16) as usize);
+    Scanned { end, hash: hash_finish(hash, end.saturating_sub(start)), colon: colon != 0, tilde: tilde != 0 }
 }
 
 fn span_len(len: usize) -> Option<u16> {
@@ -515,11 +656,21 @@ impl CompiledPolicy {
     }
 
     fn build_trie(&mut self) -> Result<(), PolicyError> {
-        self.nodes.try_reserve(self.volumes.len()).map_err(oom)?;
+        // At most one node per volume, literal prefix component and suffix rule: size the tables for that once,
+        // so that building never grows them; they are cut to size at the end.
+        let most = self.rules.iter().fold(self.volumes.len(), |sum, rule| {
+            let suffix = usize::from(rule.class == PatternClass::SubtreeSuffix);
+            sum.saturating_add(usize::from(rule.prefix_components)).saturating_add(suffix)
+        });
+        let mut hashes: Vec<u32> = Vec::new();
+        hashes.try_reserve_exact(most).map_err(oom)?;
+        self.nodes.try_reserve_exact(most).map_err(oom)?;
         for _ in 0..self.volumes.len() {
-            self.nodes.push(Node::new(NIL, 0, Span::default(), 0));
+            self.nodes.push(Node::new(NIL, Span::default(), 0));
+            hashes.push(0);
         }
-        self.grow_slots(self.volumes.len().max(8))?;
+        self.index_mask = u32::MAX;
+        self.grow_slots(most.saturating_mul(2).max(8), &hashes)?;
         // Insert in reverse rank order and prepend, so every list ends up best first.
         let mut order: Vec<u32> = Vec::new();
         order.try_reserve_exact(self.rules.len()).map_err(oom)?;
@@ -530,17 +681,24 @@ impl CompiledPolicy {
             }
         }
         for &i in order.iter().rev() {
-            self.insert_rule(i)?;
+            self.insert_rule(i, &mut hashes)?;
         }
-        // The node vector grew by doubling; keep an exact copy so a policy costs what it needs.
-        let mut nodes = Vec::new();
-        nodes.try_reserve_exact(self.nodes.len()).map_err(oom)?;
-        nodes.extend_from_slice(&self.nodes);
-        self.nodes = nodes;
+        drop(order);
+        // Rules share prefixes, so the tables were sized for more nodes than there are: keep exact copies, and
+        // a slot table at most half full whose entries carry hash bits.
+        if self.nodes.len() < self.nodes.capacity() {
+            let mut nodes = Vec::new();
+            nodes.try_reserve_exact(self.nodes.len()).map_err(oom)?;
+            nodes.extend_from_slice(&self.nodes);
+            self.nodes = nodes;
+        }
+        let index_bits = u32::BITS.saturating_sub(to_u32(self.nodes.len()).leading_zeros());
+        self.index_mask = 1u32.checked_shl(index_bits).map_or(u32::MAX, |bit| bit.wrapping_sub(1));
+        self.grow_slots(self.nodes.len().saturating_mul(2).max(8), &hashes)?;
         Ok(())
     }
 
-    fn insert_rule(&mut self, index: u32) -> Result<(), PolicyError> {
+    fn insert_rule(&mut self, index: u32, hashes: &mut Vec<u32>) -> Result<(), PolicyError> {
         let Some(&rule) = self.rules.get(index as usize) else { return Ok(()) };
         let mut node = u32::from(rule.source_volume);
         let source_start = rule.source().start as usize;
@@ -557,7 +715,7 @@ impl CompiledPolicy {
                 self.arena.get(start..prefix_end).unwrap_or_default().iter().take_while(|&&u| u != SEPARATOR).count();
             position = start.saturating_add(length);
             let span = Span { start: to_u32(start), len: span_len(length).unwrap_or(0) };
-            node = self.child_or_insert(node, 0, span)?;
+            node = self.child_or_insert(node, 0, span, hashes)?;
         }
         let list = match rule.class {
             PatternClass::Exact => self.nodes.get_mut(node as usize).map(|n| &mut n.exact),
@@ -574,7 +732,7 @@ impl CompiledPolicy {
                 if let Some(parent) = self.nodes.get_mut(node as usize) {
                     parent.flags |= NODE_HAS_SUFFIXES;
                 }
-                let key = self.child_or_insert(node, NODE_SUFFIX_KEY, span)?;
+                let key = self.child_or_insert(node, NODE_SUFFIX_KEY, span, hashes)?;
                 self.nodes.get_mut(key as usize).map(|n| &mut n.exact)
             }
         };
@@ -588,21 +746,29 @@ impl CompiledPolicy {
         Ok(())
     }
 
-    fn child_or_insert(&mut self, parent: u32, kind: u8, text: Span) -> Result<u32, PolicyError> {
+    fn child_or_insert(
+        &mut self,
+        parent: u32,
+        kind: u8,
+        text: Span,
+        hashes: &mut Vec<u32>,
+    ) -> Result<u32, PolicyError> {
         let text_units = self.text(text);
         let hash = hash_key(parent, kind, text_units);
         if let Some(found) = self.lookup(parent, kind, hash, text_units) {
             return Ok(found);
         }
         if self.nodes.len().saturating_add(1).saturating_mul(2) > self.slots.len() {
-            self.grow_slots(self.slots.len().saturating_mul(2))?;
+            self.grow_slots(self.slots.len().saturating_mul(2), hashes)?;
         }
         self.nodes.try_reserve(1).map_err(oom)?;
+        hashes.try_reserve(1).map_err(oom)?;
         let index = to_u32(self.nodes.len());
         if index == NIL {
             return Err(PolicyError::whole(Problem::OutOfMemory));
         }
-        self.nodes.push(Node::new(parent, hash, text, kind));
+        self.nodes.push(Node::new(parent, text, kind));
+        hashes.push(hash);
         if let Some(parent) = self.nodes.get_mut(parent as usize)
             && kind == 0
         {
@@ -612,17 +778,16 @@ impl CompiledPolicy {
         Ok(index)
     }
 
-    fn grow_slots(&mut self, wanted: usize) -> Result<(), PolicyError> {
+    /// Replaces the slot table with one of `wanted` slots (rounded up to a power of two) holding every node.
+    fn grow_slots(&mut self, wanted: usize, hashes: &[u32]) -> Result<(), PolicyError> {
         let capacity = wanted.checked_next_power_of_two().ok_or(PolicyError::whole(Problem::OutOfMemory))?;
         let mut slots: Vec<u32> = Vec::new();
         slots.try_reserve_exact(capacity).map_err(oom)?;
         slots.resize(capacity, NIL);
         self.slots = slots;
-        for index in 0..self.nodes.len() {
-            if let Some(node) = self.nodes.get(index)
-                && node.parent != NIL
-            {
-                self.place(to_u32(index), node.hash);
+        for (index, &hash) in hashes.iter().enumerate() {
+            if self.nodes.get(index).is_some_and(|node| node.parent != NIL) {
+                self.place(to_u32(index), hash);
             }
         }
         Ok(())
@@ -630,12 +795,13 @@ impl CompiledPolicy {
 
     fn place(&mut self, index: u32, hash: u32) {
         let mask = self.slots.len().saturating_sub(1);
+        let entry = index | (hash & !self.index_mask);
         let mut slot = hash as usize & mask;
         for _ in 0..self.slots.len() {
-            if let Some(entry) = self.slots.get_mut(slot)
-                && *entry == NIL
+            if let Some(free) = self.slots.get_mut(slot)
+                && *free == NIL
             {
-                *entry = index;
+                *free = entry;
                 return;
             }
             slot = slot.wrapping_add(1) & mask;
@@ -643,23 +809,26 @@ impl CompiledPolicy {
     }
 
     /// Finds the child of `parent` named `text` (upcased comparison). Probes at most the whole table, which is at
-    /// most half full, so it ends; on a policy's own keys the chains are short.
+    /// most half full, so it ends; on a policy's own keys the chains are short. An entry whose hash bits differ
+    /// is skipped without reading its node.
     #[inline]
     fn lookup(&self, parent: u32, kind: u8, hash: u32, text: &[u16]) -> Option<u32> {
         let mask = self.slots.len().checked_sub(1)?;
         let mut slot = hash as usize & mask;
         loop {
-            let index = *self.slots.get(slot)?;
-            if index == NIL {
+            let entry = *self.slots.get(slot)?;
+            if entry == NIL {
                 return None;
             }
-            let node = self.nodes.get(index as usize)?;
-            if node.hash == hash
-                && node.parent == parent
-                && node.flags & NODE_SUFFIX_KEY == kind
-                && eq_ignore_case(self.text(node.text()), text)
-            {
-                return Some(index);
+            if (entry ^ hash) & !self.index_mask == 0 {
+                let index = entry & self.index_mask;
+                let node = self.nodes.get(index as usize)?;
+                if node.parent == parent
+                    && node.flags & NODE_SUFFIX_KEY == kind
+                    && eq_upcased(self.text(node.text()), text)
+                {
+                    return Some(index);
+                }
             }
             slot = slot.wrapping_add(1) & mask;
         }
@@ -670,6 +839,10 @@ impl CompiledPolicy {
     }
 
     fn volume_root(&self, volume: &Volume) -> Option<u32> {
+        // Policies name few volumes; comparing for equality is cheaper than ordering them.
+        if self.volumes.len() <= 8 {
+            return self.volumes.iter().position(|v| v == volume).map(to_u32);
+        }
         self.volumes.binary_search(volume).ok().map(to_u32)
     }
 
@@ -867,56 +1040,97 @@ impl CompiledPolicy {
         Ok(Parsed { name, stream, extension, final_component })
     }
 
-    /// Walks the trie along the name once. At each node it tries the node's subtree, suffix and glob rules on
-    /// what lies below; at the end, the exact rules. Deeper nodes have longer literal prefixes, so a later
-    /// candidate always outranks an earlier one of the same list kind, and ranks decide between kinds.
-    fn walk(&self, root: u32, parsed: &Parsed<'_>, filter: Filter<'_>) -> Result<Walk, NameError> {
-        let name = parsed.name;
+    /// Walks the trie along the path once, reading each component in one pass (its end, its upcased hash, any `:`
+    /// or `~`) and leaving at the first component no rule's literal prefix continues with — most names leave
+    /// within a few components, so the rest of the path is only checked for the rare `:` (and, for `could_match`,
+    /// `~`) in one branch-free pass. At each node it tries the node's subtree, suffix and glob rules on what lies
+    /// below; at the end, the exact rules. Deeper nodes have longer literal prefixes, so a later candidate always
+    /// outranks an earlier one of the same list kind, and ranks decide between kinds.
+    ///
+    /// The result, errors included, is what walking [`Self::parse`]'s name would give after `parse` itself: a
+    /// stream without a file name is reported before any other fault, and only where the walk would otherwise
+    /// have succeeded is the full parse done (when the path holds a `:` it has not examined).
+    ///
+    /// `TILDE` (for `could_match`) also looks for `~` in every component of the name.
+    fn walk<const TILDE: bool>(&self, root: u32, path: &[u16], filter: Filter<'_>) -> Result<Walk, NameError> {
         let mut best: Option<Found> = None;
         let mut tilde = false;
         let mut node = root;
-        let mut position = 0usize;
+        let mut parsed: Option<Parsed<'_>> = None;
+        let Some(mut start) = path.iter().position(|&u| u != SEPARATOR) else {
+            // No component: only the root's exact rules could match, and sources always name a component.
+            return Ok(Walk { found: None, tilde });
+        };
         loop {
             let current = self.nodes.get(node as usize).ok_or(NameError::DotComponent)?;
-            let rest = name.get(position..).unwrap_or_default();
-            let Some(skip) = rest.iter().position(|&u| u != SEPARATOR) else {
-                let to_beat = best.as_ref().map_or(u32::MAX, |b| b.rank);
-                if let Some((rule, rank)) = self.best_in_list(current.exact, to_beat, filter, name, |_| true) {
-                    best = Some(Found { rule, rank, remainder_start: name.len() });
+            let scanned = scan_component::<TILDE>(path, start, hash_seed(node, 0));
+            let mut end = scanned.end;
+            let mut hash = scanned.hash;
+            let after = path.get(end..).unwrap_or_default();
+            let next_start = after.iter().position(|&u| u != SEPARATOR).map(|skip| end.saturating_add(skip));
+            if scanned.colon {
+                let colon = path.get(start..end).and_then(|c| c.iter().position(|&u| u == COLON));
+                let Some(colon) = colon.filter(|_| next_start.is_none()) else {
+                    return Err(Self::parse(path).err().unwrap_or(NameError::StreamOnDirectory));
+                };
+                if colon == 0 {
+                    return Err(NameError::StreamWithoutName);
                 }
-                return Ok(Walk { found: best, tilde });
-            };
-            let start = position.saturating_add(skip);
-            let tail = name.get(start..).unwrap_or_default();
-            let length = tail.iter().position(|&u| u == SEPARATOR).unwrap_or(tail.len());
-            let component = tail.get(..length).unwrap_or_default();
-            position = start.saturating_add(length);
-            // One branch-free pass for the rare characters.
-            let mut colon = false;
-            for &unit in component {
-                colon |= unit == COLON;
-                tilde |= unit == name::TILDE;
+                // The last component names a stream: the name ends at its first `:`.
+                end = start.saturating_add(colon);
+                let component = path.get(start..end).unwrap_or_default();
+                hash = hash_key(node, 0, component);
+                tilde |= TILDE && component.contains(&name::TILDE);
+            } else {
+                tilde |= scanned.tilde;
             }
-            if colon {
-                return Err(NameError::StreamOnDirectory);
-            }
+            let component = path.get(start..end).unwrap_or_default();
             if name::is_dot_component(component) {
-                return Err(NameError::DotComponent);
+                return Err(Self::parse(path).err().unwrap_or(NameError::DotComponent));
             }
             if current.has_rules_below() {
-                self.try_below(node, current, parsed, filter, start, &mut best);
+                let below = match &parsed {
+                    Some(below) => below,
+                    None => parsed.insert(Self::parse(path)?),
+                };
+                self.try_below(node, current, below, filter, start, &mut best);
             }
-            let Some(next) = self.child(node, 0, component) else {
+            let Some(child) = self.lookup(node, 0, hash, component) else {
                 // No rule's literal prefix continues here, so no later component can make the name match: a
                 // stream on a later directory does not change which file it is, and a later `..` that led back
-                // would have to be resolved, which NTFS and ReFS never do (they fail the create). Only
-                // `could_match` looks further, for 8.3 aliases.
-                if filter.process.is_any() {
-                    tilde |= name.get(position..).unwrap_or_default().contains(&name::TILDE);
+                // would have to be resolved, which NTFS and ReFS never do (they fail the create). Only a stream
+                // without a file name is still an error, and only `could_match` looks further, for 8.3 aliases.
+                let rest = path.get(end..).unwrap_or_default();
+                let (mut colon, mut rest_tilde) = (false, false);
+                if TILDE {
+                    for &unit in rest {
+                        colon |= unit == COLON;
+                        rest_tilde |= unit == name::TILDE;
+                    }
+                } else {
+                    // A branch-free reduction (it vectorizes), not an early-exit search.
+                    colon = rest.iter().fold(0u16, |colon, &unit| colon | u16::from(unit == COLON)) != 0;
+                }
+                if colon {
+                    let whole = Self::parse(path)?;
+                    rest_tilde = whole.name.get(end..).unwrap_or_default().contains(&name::TILDE);
+                }
+                return Ok(Walk { found: best, tilde: tilde || (TILDE && rest_tilde) });
+            };
+            node = child;
+            let Some(next) = next_start else {
+                // The name's last component: the node's exact rules.
+                let exact = self.nodes.get(node as usize).map_or(NIL, |n| n.exact);
+                let to_beat = best.as_ref().map_or(u32::MAX, |b| b.rank);
+                if exact != NIL {
+                    let name = path.get(..end).unwrap_or_default();
+                    if let Some((rule, rank)) = self.best_in_list(exact, to_beat, filter, name, |_| true) {
+                        best = Some(Found { rule, rank, remainder_start: end });
+                    }
                 }
                 return Ok(Walk { found: best, tilde });
             };
-            node = next;
+            start = next;
         }
     }
 
@@ -980,9 +1194,10 @@ impl CompiledPolicy {
         case_sensitive: bool,
     ) -> Result<Option<Match<'a, 'p>>, NameError> {
         let Some(root) = self.source_root(volume) else { return Ok(None) };
-        let parsed = Self::parse(path)?;
         let filter = Filter { process: ProcessFilter::Image(process_image), case_sensitive };
-        let Some(found) = self.walk(root, &parsed, filter)?.found else { return Ok(None) };
+        let Some(found) = self.walk::<false>(root, path, filter)?.found else { return Ok(None) };
+        // A rare outcome: split the stream off only now.
+        let parsed = Self::parse(path)?;
         let Some(rule) = self.rule(found.rule as usize) else { return Ok(None) };
         let remainder = parsed.name.get(found.remainder_start..).unwrap_or_default();
         Ok(Some(Match { rule, remainder_start: found.remainder_start, remainder, stream: parsed.stream }))
@@ -998,10 +1213,11 @@ impl CompiledPolicy {
     #[must_use]
     pub fn could_match(&self, volume: &Volume, path: &[u16]) -> bool {
         let Some(root) = self.source_root(volume) else { return false };
-        let Ok(parsed) = Self::parse(path) else { return true };
-        match self.walk(root, &parsed, Filter { process: ProcessFilter::Any, case_sensitive: false }) {
+        // The walk's `tilde` covers every component of the name (the ones it examined and, where it left early,
+        // the rest), the last one included.
+        match self.walk::<true>(root, path, Filter { process: ProcessFilter::Any, case_sensitive: false }) {
             Err(_) => true,
-            Ok(walk) => walk.tilde || walk.found.is_some() || name::may_be_short_name(parsed.final_component),
+            Ok(walk) => walk.tilde || walk.found.is_some(),
         }
     }
 

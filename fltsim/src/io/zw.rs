@@ -195,7 +195,7 @@ pub unsafe extern "system" fn ZwReadFile(
     })
 }
 
-/// `ZwClose`: PASSIVE_LEVEL; an open kernel handle, closed once.
+/// `ZwClose`: PASSIVE_LEVEL; an open kernel handle (a file or a registry key), closed once.
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-zwclose>.
 #[unsafe(no_mangle)]
 pub extern "system" fn ZwClose(handle: HANDLE) -> NTSTATUS {
@@ -203,6 +203,9 @@ pub extern "system" fn ZwClose(handle: HANDLE) -> NTSTATUS {
     guarded(API, STATUS_INVALID_HANDLE, || {
         if !thread::require_irql_at_most(API, irql::PASSIVE, ZWCLOSE) {
             return STATUS_INVALID_HANDLE;
+        }
+        if crate::registry_api::close_key(handle as usize) {
+            return STATUS_SUCCESS;
         }
         let Some(open) = fileio::remove_kernel_handle(handle as usize) else {
             verifier::report(Rule::InvalidArgument, API, format!("{handle:?} is not an open kernel handle"));
