@@ -443,6 +443,48 @@ pub const EXPORTS: &[Export] = &[
         "fltkernel/nf-fltkernel-fltfreecallbackdata"
     ),
     export!(
+        "FltAllocateFileLock",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; the lock is the loading driver's; a lock never freed is reported at unload",
+        "fltkernel/nf-fltkernel-fltallocatefilelock"
+    ),
+    export!(
+        "FltFreeFileLock",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a lock from FltAllocateFileLock, freed once",
+        "fltkernel/nf-fltkernel-fltfreefilelock"
+    ),
+    export!(
+        "FltProcessFileLock",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a live lock; IRP_MJ_LOCK_CONTROL only; lock, unlock single, unlock all and unlock all by key completed against the lock; a lock that would wait fails with STATUS_LOCK_NOT_GRANTED (reported as not modelled)",
+        "fltkernel/nf-fltkernel-fltprocessfilelock"
+    ),
+    export!(
+        "FltCheckLockForReadAccess",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a live lock; the read's range is free of other owners' exclusive locks",
+        "fltkernel/nf-fltkernel-fltchecklockforreadaccess"
+    ),
+    export!(
+        "FltCheckLockForWriteAccess",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a live lock; the write's range is free of other owners' locks",
+        "fltkernel/nf-fltkernel-fltchecklockforwriteaccess"
+    ),
+    export!(
+        "FsRtlFastUnlockAll",
+        "ntoskrnl.exe",
+        "DISPATCH_LEVEL",
+        "IRQL; a live lock; releases every lock of the file object and process",
+        "ntifs/nf-ntifs-fsrtlfastunlockall"
+    ),
+    export!(
         "FltQueryInformationFile",
         "fltmgr.sys",
         "PASSIVE_LEVEL",

@@ -82,6 +82,7 @@ pub struct LoadedDriver {
     service: String,
     objects: Box<Objects>,
     pool_before: BTreeSet<usize>,
+    locks_before: BTreeSet<usize>,
     loaded: bool,
 }
 
@@ -126,6 +127,7 @@ pub fn load(service: &str, entry: DriverEntryFn) -> Result<LoadedDriver, LoadErr
     objects.object.DriverInit = Some(entry);
 
     let pool_before = pool::live().into_iter().map(|a| a.address).collect();
+    let locks_before = crate::fltmgr::filelock::live();
     let object_ptr = &raw const objects.object as usize;
     let path_ptr = &raw const objects.registry_path as usize;
     let status = thread::run_on_system_thread("System: DriverEntry", move || {
@@ -136,7 +138,7 @@ pub fn load(service: &str, entry: DriverEntryFn) -> Result<LoadedDriver, LoadErr
         status
     })
     .map_err(LoadError::Thread)?;
-    let mut driver = LoadedDriver { service: service.to_owned(), objects, pool_before, loaded: true };
+    let mut driver = LoadedDriver { service: service.to_owned(), objects, pool_before, locks_before, loaded: true };
     if status < 0 {
         driver.loaded = false;
         driver.check_nothing_left("DriverEntry");
@@ -212,6 +214,7 @@ impl LoadedDriver {
             crate::fltmgr::port::report_leaks(filter.handle, after);
             crate::fltmgr::callback_data::report_leaks(filter.handle, after);
         }
+        crate::fltmgr::filelock::report_leaks(&self.locks_before, after);
         for leak in pool::live().into_iter().filter(|a| !self.pool_before.contains(&a.address)) {
             verifier::report(
                 Rule::PoolLeak,

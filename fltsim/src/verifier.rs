@@ -77,6 +77,8 @@ pub enum Rule {
     NameInfoLeak,
     /// Callback data from `FltAllocateCallbackData` was never freed before its filter unloaded.
     CallbackDataLeak,
+    /// A file lock from `FltAllocateFileLock` was never freed before its filter unloaded.
+    FileLockLeak,
     /// Cached (non-paging, buffered) I/O was issued while servicing paging I/O: the cache manager may need the very
     /// resources the paging I/O holds, a deadlock.
     CachedIoFromPagingPath,
@@ -151,6 +153,7 @@ impl Rule {
             Self::NameInfoMisuse => "name-info-misuse",
             Self::NameInfoLeak => "name-info-leak",
             Self::CallbackDataLeak => "callback-data-leak",
+            Self::FileLockLeak => "file-lock-leak",
             Self::CachedIoFromPagingPath => "cached-io-from-paging-path",
             Self::BugCheck => "bugcheck",
             Self::RegionLeaveWithoutEnter => "region-leave-without-enter",
@@ -218,6 +221,7 @@ impl Rule {
             | Self::NameInfoMisuse
             | Self::NameInfoLeak
             | Self::CallbackDataLeak
+            | Self::FileLockLeak
             | Self::RecursiveIo
             | Self::InvalidArgument => {
                 "https://learn.microsoft.com/windows-hardware/drivers/devtest/file-system-filter-verification"

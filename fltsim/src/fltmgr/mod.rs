@@ -4,6 +4,7 @@ pub mod callback_data;
 pub mod context;
 pub mod dispatch;
 pub mod fileio;
+pub mod filelock;
 pub mod instance;
 pub mod names;
 pub mod pending;

@@ -17,14 +17,16 @@ use windows_sys::{
         Foundation::{ACCESS_STATE, FILE_OBJECT, IO_SECURITY_CONTEXT, SECTION_OBJECT_POINTERS},
         Storage::FileSystem::{FILE_SYNCHRONOUS_IO_ALERT, FILE_SYNCHRONOUS_IO_NONALERT},
         System::SystemServices::{
-            FO_SYNCHRONOUS_IO, IO_REPARSE, IRP_MJ_CLEANUP, IRP_MJ_CLOSE, IRP_MJ_QUERY_INFORMATION, IRP_MJ_READ,
-            IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE, IRP_NOCACHE, IRP_PAGING_IO, SL_CASE_SENSITIVE,
+            FO_SYNCHRONOUS_IO, IO_REPARSE, IRP_MJ_CLEANUP, IRP_MJ_CLOSE, IRP_MJ_LOCK_CONTROL, IRP_MJ_QUERY_INFORMATION,
+            IRP_MJ_READ, IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE, IRP_MN_LOCK, IRP_MN_UNLOCK_SINGLE, IRP_NOCACHE,
+            IRP_PAGING_IO, SL_CASE_SENSITIVE,
         },
     },
     Win32::{
         Foundation::{
-            NTSTATUS, STATUS_INVALID_PARAMETER, STATUS_MOUNT_POINT_NOT_RESOLVED, STATUS_OBJECT_PATH_NOT_FOUND,
-            STATUS_REPARSE, STATUS_REPARSE_POINT_NOT_RESOLVED, STATUS_SUCCESS, UNICODE_STRING,
+            NTSTATUS, STATUS_FILE_LOCK_CONFLICT, STATUS_INVALID_PARAMETER, STATUS_MOUNT_POINT_NOT_RESOLVED,
+            STATUS_OBJECT_PATH_NOT_FOUND, STATUS_REPARSE, STATUS_REPARSE_POINT_NOT_RESOLVED, STATUS_SUCCESS,
+            UNICODE_STRING,
         },
         Storage::FileSystem::{FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE},
     },
@@ -113,6 +115,8 @@ struct OpenFile {
     references: u32,
     /// Whether the handle is still open (`IRP_MJ_CLEANUP` not yet sent).
     handle_open: bool,
+    /// The stream it opened.
+    stream: StreamId,
 }
 
 // SAFETY: the raw pointers inside FILE_OBJECT refer to model-owned boxes that live as long as the open file.
@@ -125,6 +129,8 @@ struct Table {
     next: u64,
     files: BTreeMap<u64, OpenFile>,
     streams: BTreeMap<StreamId, Stream>,
+    /// The file system's byte-range locks, per stream.
+    locks: BTreeMap<StreamId, super::locks::LockTable>,
 }
 
 static TABLE: Mutex<Option<Table>> = Mutex::new(None);
@@ -346,6 +352,20 @@ pub unsafe extern "system" fn IoReplaceFileObjectName(
     })
 }
 
+/// The file system fills in the file object as it opens it, before post-create callbacks run: the stream's shared
+/// section object pointers and its FCB.
+fn attach_stream(object: &mut FILE_OBJECT, stream: StreamId) {
+    with_table(|t| {
+        let stream = t.streams.entry(stream).or_insert_with(|| Stream {
+            // SAFETY: SECTION_OBJECT_POINTERS is a plain C struct for which all-zero is valid.
+            section: Box::new(unsafe { std::mem::zeroed() }),
+            fcb: Box::new(stream.0),
+        });
+        object.SectionObjectPointer = &raw mut *stream.section;
+        object.FsContext = (&raw mut *stream.fcb).cast();
+    });
+}
+
 fn create_once(
     volume: &Volume,
     within: &str,
@@ -401,16 +421,7 @@ fn create_once(
         };
         match fs::create_ex(&volume, &within, &fs_params) {
             Ok(fs::CreateOutcome::Opened(done)) => {
-                // The file system fills in the file object as it opens it, before post-create callbacks run.
-                with_table(|t| {
-                    let stream = t.streams.entry(done.stream).or_insert_with(|| Stream {
-                        // SAFETY: SECTION_OBJECT_POINTERS is a plain C struct for which all-zero is valid.
-                        section: Box::new(unsafe { std::mem::zeroed() }),
-                        fcb: Box::new(done.stream.0),
-                    });
-                    file_object.object.SectionObjectPointer = &raw mut *stream.section;
-                    file_object.object.FsContext = (&raw mut *stream.fcb).cast();
-                });
+                attach_stream(&mut file_object.object, done.stream);
                 request.complete(STATUS_SUCCESS, done.information);
                 created = Some(done);
                 OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).insert(object_address);
@@ -456,6 +467,7 @@ fn create_once(
                 origin,
                 references,
                 handle_open: true,
+                stream: done.stream,
             },
         );
         id
@@ -576,6 +588,12 @@ pub(crate) fn read_from(
         // SAFETY: the union holds the Read parameters for IRP_MJ_READ.
         let read = unsafe { request.iopb().Parameters.Read };
         let from = u64::try_from(read.ByteOffset).unwrap_or(u64::MAX);
+        let paging = request.iopb().IrpFlags & IRP_PAGING_IO != 0;
+        let length = u64::from(read.Length);
+        if !paging && !fs_lock_allows(handle, t.file_object, from, length, false) {
+            request.complete(STATUS_FILE_LOCK_CONFLICT, 0);
+            return;
+        }
         let cached = request.iopb().IrpFlags & (IRP_NOCACHE | IRP_PAGING_IO) == 0;
         if cached {
             // The file system copies from the cache; the pages it lacks fault in under this read.
@@ -639,6 +657,11 @@ pub(crate) fn write_from(
         let write = unsafe { request.iopb().Parameters.Write };
         let from = u64::try_from(write.ByteOffset).unwrap_or(u64::MAX);
         let n = usize::try_from(write.Length).unwrap_or(0).min(buffer.len());
+        let paging = request.iopb().IrpFlags & IRP_PAGING_IO != 0;
+        if !paging && !fs_lock_allows(handle, t.file_object, from, u64::from(write.Length), true) {
+            request.complete(STATUS_FILE_LOCK_CONFLICT, 0);
+            return;
+        }
         match fs::write(t.open, Some(from), &buffer[..n]) {
             Ok(written) => request.complete(STATUS_SUCCESS, written),
             Err(status) => request.complete(status, 0),
@@ -670,6 +693,11 @@ pub(crate) fn close_handle(handle: &Handle) -> bool {
     }
     let mut request = Request::new(major(IRP_MJ_CLEANUP), t.file_object, t.kernel_mode).from_origin(t.origin);
     dispatch(t.volume.handle, &mut request, |request| {
+        // The file system releases the handle's byte-range locks (FsRtlFastUnlockAll) at cleanup.
+        let owner = lock_owner(t.file_object);
+        let _ = with_open(handle, |f| f.stream).map(|stream| {
+            with_table(|table| table.locks.get_mut(&stream).map(|l| l.unlock_all(owner)));
+        });
         fs::cleanup(t.open);
         request.complete(STATUS_SUCCESS, 0);
     });
@@ -815,4 +843,78 @@ pub(crate) fn mark_section(handle: &Handle) {
             section.DataSectionObject = (&raw mut f.file_object.object).cast();
         }
     });
+}
+
+/// The owner of the byte-range locks an operation on `file_object` takes or is checked against: the file object and
+/// the current (requesting) process.
+pub(crate) fn lock_owner(file_object: *const FILE_OBJECT) -> super::locks::Owner {
+    super::locks::Owner { file_object: file_object as usize, process: crate::kernel::process::current().id }
+}
+
+/// Whether the file system's locks on the stream of `handle` let the current process read (or write) the range.
+fn fs_lock_allows(handle: &Handle, file_object: *const FILE_OBJECT, offset: u64, length: u64, write: bool) -> bool {
+    let owner = lock_owner(file_object);
+    let Ok(stream) = with_open(handle, |f| f.stream) else { return true };
+    with_table(|t| {
+        t.locks
+            .get(&stream)
+            .is_none_or(|l| if write { l.can_write(owner, offset, length) } else { l.can_read(owner, offset, length) })
+    })
+}
+
+/// Locks a byte range through the filters (`IRP_MJ_LOCK_CONTROL`, `IRP_MN_LOCK`), as `LockFileEx` does.
+///
+/// # Errors
+/// `STATUS_LOCK_NOT_GRANTED` on a conflict, or a filter's status.
+pub fn lock(handle: &Handle, offset: u64, length: u64, key: u32, exclusive: bool) -> Result<(), NTSTATUS> {
+    lock_control(handle, IRP_MN_LOCK, offset, length, key, exclusive)
+}
+
+/// Unlocks a byte range through the filters (`IRP_MN_UNLOCK_SINGLE`), as `UnlockFileEx` does.
+///
+/// # Errors
+/// `STATUS_RANGE_NOT_LOCKED`, or a filter's status.
+pub fn unlock(handle: &Handle, offset: u64, length: u64, key: u32) -> Result<(), NTSTATUS> {
+    lock_control(handle, IRP_MN_UNLOCK_SINGLE, offset, length, key, false)
+}
+
+fn lock_control(
+    handle: &Handle,
+    minor: u32,
+    offset: u64,
+    length: u64,
+    key: u32,
+    exclusive: bool,
+) -> Result<(), NTSTATUS> {
+    let t = target(handle)?;
+    let mut length_value = i64::try_from(length).map_err(|_| STATUS_INVALID_PARAMETER)?;
+    let mut request = Request::new(major(IRP_MJ_LOCK_CONTROL), t.file_object, t.kernel_mode);
+    {
+        let iopb = request.iopb();
+        iopb.MinorFunction = u8::try_from(minor).unwrap_or(0);
+        iopb.Parameters.LockControl.Length = &raw mut length_value;
+        iopb.Parameters.LockControl.Key = key;
+        iopb.Parameters.LockControl.ByteOffset = i64::try_from(offset).map_err(|_| STATUS_INVALID_PARAMETER)?;
+        iopb.Parameters.LockControl.ProcessId = crate::kernel::process::current().peprocess();
+        iopb.Parameters.LockControl.FailImmediately = true;
+        iopb.Parameters.LockControl.ExclusiveLock = exclusive;
+    }
+    let stream = with_open(handle, |f| f.stream)?;
+    dispatch(t.volume.handle, &mut request, |request| {
+        let owner = lock_owner(t.file_object);
+        let result = with_table(|table| {
+            let locks = table.locks.entry(stream).or_default();
+            if minor == IRP_MN_LOCK {
+                locks.lock(super::locks::Lock { owner, key, offset, length, exclusive })
+            } else {
+                locks.unlock(owner, key, offset, length)
+            }
+        });
+        match result {
+            Ok(()) => request.complete(STATUS_SUCCESS, 0),
+            Err(status) => request.complete(status, 0),
+        }
+    });
+    let status = request.status();
+    if status < 0 { Err(status) } else { Ok(()) }
 }

@@ -7,6 +7,7 @@
 pub mod fs;
 pub mod info;
 pub mod iomgr;
+pub mod locks;
 pub mod mm;
 pub mod volume;
 pub mod zw;
