@@ -7,7 +7,8 @@
 //! volume, whose edges are kept in a single open-addressing hash table keyed by (parent node, upcased component).
 //! Each node heads three lists of rules, sorted best first: the rules whose source is exactly the node's path, the
 //! `node\**` rules, and the glob rules whose literal prefix ends at the node. `node\**\*.ext` rules hang below a
-//! second kind of node keyed by (parent node, upcased last extension).
+//! second kind of node keyed by (parent node, upcased last extension). A large trie also has a small Bloom filter over
+//! the table's keys, so that the usual miss is answered without touching the table.
 //!
 //! Matching walks the path once, component by component, following the trie, and leaves at the first component
 //! no rule continues with (most names leave within a few components). Each component is read once, four units at a
@@ -192,6 +193,26 @@ pub struct CompiledPolicy {
     /// The bits of a slot entry that hold the node index: all of them while the trie is built, the fewest that
     /// can hold every index once it is done (so that no entry equals `NIL`).
     index_mask: u32,
+    /// A blocked Bloom filter over the keys of `slots` (two bits of one word per key), empty for small policies.
+    /// Most lookups of a large policy are misses at the first component no rule continues with; the filter answers
+    /// them from a table of a few bits per node that stays in cache, where the slot table would not.
+    filter: Vec<u64>,
+    /// The number of hash bits that select a filter word (`filter.len()` is `1 << filter_bits`).
+    filter_bits: u32,
+}
+
+/// Policies with at least this many trie nodes get a [`CompiledPolicy::filter`]: below it the slot table is small
+/// enough to stay in cache and the filter would only add work.
+const FILTER_MIN_NODES: usize = 4096;
+
+/// The filter word and the two bits of it that stand for a key hash.
+#[inline]
+fn filter_position(hash: u32, bits: u32) -> (usize, u64) {
+    let mixed = u64::from(hash).wrapping_mul(HASH_K);
+    let word = mixed.checked_shr(u64::BITS.saturating_sub(bits)).unwrap_or(0);
+    let mask = 1u64.wrapping_shl(u32::try_from(mixed & 63).unwrap_or(0))
+        | 1u64.wrapping_shl(u32::try_from(mixed.wrapping_shr(6) & 63).unwrap_or(0));
+    (usize::try_from(word).unwrap_or(0), mask)
 }
 
 /// One rule of a compiled policy.
@@ -347,17 +368,17 @@ fn eq_upcased(a: &[u16], b: &[u16]) -> bool {
     if a.len() != b.len() {
         return false;
     }
+    // The differences are gathered without a branch per group: in mixed-case names whether two groups are
+    // equal before upcasing is a coin toss that the branch predictor would lose.
     let (mut a_chunks, mut b_chunks) = (a.chunks_exact(4), b.chunks_exact(4));
+    let mut difference = 0u64;
     for (x, y) in (&mut a_chunks).zip(&mut b_chunks) {
         if let (&[a0, a1, a2, a3], &[b0, b1, b2, b3]) = (x, y) {
-            let (x, y) = (pack([a0, a1, a2, a3]), pack([b0, b1, b2, b3]));
-            if x != y && upcase_lanes(x) != upcase_lanes(y) {
-                return false;
-            }
+            difference |= upcase_lanes(pack([a0, a1, a2, a3])) ^ upcase_lanes(pack([b0, b1, b2, b3]));
         }
     }
     let (x, y) = (pack_padded(a_chunks.remainder(), 0), pack_padded(b_chunks.remainder(), 0));
-    x == y || upcase_lanes(x) == upcase_lanes(y)
+    difference | (upcase_lanes(x) ^ upcase_lanes(y)) == 0
 }
 
 /// One component of a path, as [`scan_component`] read it.
@@ -589,11 +610,18 @@ impl CompiledPolicy {
     fn build_volumes(&mut self, named: &[RuleVolumes]) -> Result<(), PolicyError> {
         let mut all: Vec<Volume> = Vec::new();
         all.try_reserve_exact(named.len().saturating_mul(3)).map_err(oom)?;
+        // Policies name few volumes, so most are repeats of one seen just before: leaving those out here keeps the
+        // sort below (of 16-byte GUIDs) short. Anything left in twice is removed by `dedup`.
+        let add = |all: &mut Vec<Volume>, volume: Volume| {
+            if !all.iter().rev().take(8).any(|&seen| seen == volume) {
+                all.push(volume);
+            }
+        };
         for rule in named {
-            all.push(rule.source);
-            all.push(rule.target);
+            add(&mut all, rule.source);
+            add(&mut all, rule.target);
             if let Some(process) = rule.process {
-                all.push(process);
+                add(&mut all, process);
             }
         }
         all.sort_unstable();
@@ -695,6 +723,30 @@ impl CompiledPolicy {
         let index_bits = u32::BITS.saturating_sub(to_u32(self.nodes.len()).leading_zeros());
         self.index_mask = 1u32.checked_shl(index_bits).map_or(u32::MAX, |bit| bit.wrapping_sub(1));
         self.grow_slots(self.nodes.len().saturating_mul(2).max(8), &hashes)?;
+        self.build_filter(&hashes)
+    }
+
+    /// Builds [`Self::filter`] for a large trie: 8 to 16 bits per node, a power of two of words.
+    fn build_filter(&mut self, hashes: &[u32]) -> Result<(), PolicyError> {
+        if self.nodes.len() < FILTER_MIN_NODES {
+            return Ok(());
+        }
+        let words =
+            self.nodes.len().div_ceil(8).checked_next_power_of_two().ok_or(PolicyError::whole(Problem::OutOfMemory))?;
+        let mut filter: Vec<u64> = Vec::new();
+        filter.try_reserve_exact(words).map_err(oom)?;
+        filter.resize(words, 0);
+        let bits = words.trailing_zeros();
+        for (node, &hash) in self.nodes.iter().zip(hashes) {
+            if node.parent != NIL {
+                let (word, mask) = filter_position(hash, bits);
+                if let Some(word) = filter.get_mut(word) {
+                    *word |= mask;
+                }
+            }
+        }
+        self.filter = filter;
+        self.filter_bits = bits;
         Ok(())
     }
 
@@ -813,6 +865,12 @@ impl CompiledPolicy {
     /// is skipped without reading its node.
     #[inline]
     fn lookup(&self, parent: u32, kind: u8, hash: u32, text: &[u16]) -> Option<u32> {
+        if !self.filter.is_empty() {
+            let (word, bits) = filter_position(hash, self.filter_bits);
+            if self.filter.get(word).is_none_or(|&w| w & bits != bits) {
+                return None;
+            }
+        }
         let mask = self.slots.len().checked_sub(1)?;
         let mut slot = hash as usize & mask;
         loop {
@@ -1270,6 +1328,7 @@ impl CompiledPolicy {
                 .saturating_mul(size_of::<CompiledRule>())
                 .saturating_add(self.nodes.capacity().saturating_mul(size_of::<Node>()))
                 .saturating_add(self.slots.capacity().saturating_mul(size_of::<u32>()))
+                .saturating_add(self.filter.capacity().saturating_mul(size_of::<u64>()))
                 .saturating_add(self.volumes.capacity().saturating_mul(size_of::<Volume>())),
         }
     }
@@ -1771,6 +1830,33 @@ mod tests {
         let mut out = vec![0u16; 64];
         let length = found.write_backing_path(&mut out).unwrap();
         assert_eq!(&out[..length], &w(r"\Dst\Sub\File.txt")[..]);
+    }
+
+    #[test]
+    fn large_policies_filter_lookups_without_losing_keys() {
+        let rules: Vec<RuleSpec> = (0..3000)
+            .map(|i| {
+                let source = if i % 2 == 0 {
+                    std::format!(r"C:\Data\D{}\F{i}\x.ini", i % 50)
+                } else {
+                    std::format!(r"C:\Data\D{}\T{i}\**", i % 50)
+                };
+                spec(&std::format!("r{i}"), &source, &std::format!(r"D:\O\{i}"))
+            })
+            .collect();
+        let policy = compile(&rules);
+        assert!(policy.nodes.len() >= FILTER_MIN_NODES && !policy.filter.is_empty());
+        // The reference matcher scans every rule, so check a sample.
+        for i in (0..3000).step_by(37) {
+            let present = if i % 2 == 0 {
+                std::format!(r"\data\d{}\f{i}\X.INI", i % 50)
+            } else {
+                std::format!(r"\DATA\D{}\t{i}\sub\y", i % 50)
+            };
+            assert_eq!(name_of(&policy, &present), Some(std::format!("r{i}")), "{present}");
+            assert_eq!(name_of(&policy, &std::format!(r"\Data\D{}\G{i}\x.ini", i % 50)), None);
+            assert!(policy.could_match(&C, &w(&present)));
+        }
     }
 
     #[test]
