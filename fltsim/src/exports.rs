@@ -443,6 +443,34 @@ pub const EXPORTS: &[Export] = &[
         "fltkernel/nf-fltkernel-fltfreecallbackdata"
     ),
     export!(
+        "FltFlushBuffers",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; an attached instance (the flush enters below it); an open file object",
+        "fltkernel/nf-fltkernel-fltflushbuffers"
+    ),
+    export!(
+        "FltFlushBuffers2",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; as FltFlushBuffers; FlushType 0 or one FLT_FLUSH_TYPE_* value, sent as the IRP_MN_FLUSH_* minor function",
+        "fltkernel/nf-fltkernel-fltflushbuffers2"
+    ),
+    export!(
+        "FltCancelFileOpen",
+        "fltmgr.sys",
+        "PASSIVE_LEVEL",
+        "IRQL; only from the caller's post-create callback; an instance of the calling filter; a file object the file system just opened, FO_HANDLE_CREATED clear, not already cancelled; the file system sees cleanup and close, the file object gets FO_FILE_OPEN_CANCELLED",
+        "fltkernel/nf-fltkernel-fltcancelfileopen"
+    ),
+    export!(
+        "FltGetVolumeProperties",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; LengthReturned required; length zero returns the size needed with STATUS_BUFFER_TOO_SMALL, a non-zero length below sizeof(FLT_VOLUME_PROPERTIES) is reported; the fixed part alone returns STATUS_BUFFER_OVERFLOW; the names follow the fixed part",
+        "fltkernel/nf-fltkernel-fltgetvolumeproperties"
+    ),
+    export!(
         "FltAllocateFileLock",
         "fltmgr.sys",
         "APC_LEVEL",

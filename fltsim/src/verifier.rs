@@ -77,8 +77,12 @@ pub enum Rule {
     NameInfoLeak,
     /// Callback data from `FltAllocateCallbackData` was never freed before its filter unloaded.
     CallbackDataLeak,
-    /// A file lock from `FltAllocateFileLock` was never freed before its filter unloaded.
+    /// A file lock from `FltAllocateFileLock` was never freed before its driver unloaded.
     FileLockLeak,
+    /// A post-create failed a create the file system had completed without `FltCancelFileOpen` (the open is never
+    /// closed), or cancelled the open and left a success status; or `FltCancelFileOpen` was called outside a
+    /// post-create callback or on a file object it cannot cancel.
+    CreateFailureProtocol,
     /// Cached (non-paging, buffered) I/O was issued while servicing paging I/O: the cache manager may need the very
     /// resources the paging I/O holds, a deadlock.
     CachedIoFromPagingPath,
@@ -154,6 +158,7 @@ impl Rule {
             Self::NameInfoLeak => "name-info-leak",
             Self::CallbackDataLeak => "callback-data-leak",
             Self::FileLockLeak => "file-lock-leak",
+            Self::CreateFailureProtocol => "create-failure-protocol",
             Self::CachedIoFromPagingPath => "cached-io-from-paging-path",
             Self::BugCheck => "bugcheck",
             Self::RegionLeaveWithoutEnter => "region-leave-without-enter",
@@ -225,6 +230,9 @@ impl Rule {
             | Self::RecursiveIo
             | Self::InvalidArgument => {
                 "https://learn.microsoft.com/windows-hardware/drivers/devtest/file-system-filter-verification"
+            }
+            Self::CreateFailureProtocol => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ifs/failing-an-i-o-operation-in-a-postoperation-callback-routine"
             }
             Self::PendedNeverCompleted => {
                 "https://learn.microsoft.com/windows-hardware/drivers/ifs/pending-an-i-o-operation-in-a-preoperation-callback-routine"

@@ -21,18 +21,20 @@ use windows_sys::{
             FILE_OPEN, FILE_STANDARD_INFORMATION, FileDispositionInformation, FileEndOfFileInformation,
             FileRenameInformation, FileStandardInformation,
             Minifilters::{
-                FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS,
-                FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_REGISTRATION_VERSION, FLT_RELATED_OBJECTS,
-                FltAllocateCallbackData, FltClose, FltCreateFileEx2, FltFreeCallbackData, FltPerformSynchronousIo,
-                FltQueryInformationFile, FltRegisterFilter, FltSetInformationFile, FltStartFiltering,
-                FltUnregisterFilter, IRP_MJ_OPERATION_END, PFLT_FILTER,
+                FLT_CALLBACK_DATA, FLT_FLUSH_TYPE_FILE_DATA_ONLY, FLT_OPERATION_REGISTRATION,
+                FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_REGISTRATION_VERSION,
+                FLT_RELATED_OBJECTS, FltAllocateCallbackData, FltClose, FltCreateFileEx2, FltFlushBuffers,
+                FltFlushBuffers2, FltFreeCallbackData, FltPerformSynchronousIo, FltQueryInformationFile,
+                FltRegisterFilter, FltSetInformationFile, FltStartFiltering, FltUnregisterFilter, IRP_MJ_OPERATION_END,
+                PFLT_FILTER,
             },
         },
         System::SystemServices::{FILE_END_OF_FILE_INFORMATION, IO_FORCE_ACCESS_CHECK, ObfDereferenceObject},
     },
     Win32::{
         Foundation::{
-            HANDLE, NTSTATUS, OBJ_KERNEL_HANDLE, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_SUCCESS, UNICODE_STRING,
+            HANDLE, NTSTATUS, OBJ_KERNEL_HANDLE, STATUS_ACCESS_DENIED, STATUS_INVALID_PARAMETER,
+            STATUS_OBJECT_NAME_NOT_FOUND, STATUS_SUCCESS, UNICODE_STRING,
         },
         Storage::FileSystem::{
             DELETE, FILE_READ_DATA, FILE_SHARE_DELETE, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA,
@@ -162,6 +164,14 @@ unsafe extern "system" fn pre_create(
         )
     };
     assert_eq!(status, STATUS_SUCCESS);
+
+    // Flush it, fully and data only, below this filter.
+    // SAFETY: this filter's instance and an open file object.
+    assert_eq!(unsafe { FltFlushBuffers(objects.Instance, file_object) }, STATUS_SUCCESS);
+    // SAFETY: as above; no callback data to propagate.
+    let status =
+        unsafe { FltFlushBuffers2(objects.Instance, file_object, FLT_FLUSH_TYPE_FILE_DATA_ONLY, std::ptr::null()) };
+    assert_eq!(status, STATUS_SUCCESS);
     // SAFETY: the handle and the referenced file object, released once each.
     unsafe { FltClose(handle) };
     // SAFETY: as above.
@@ -287,5 +297,29 @@ scenario! {
         assert!(!root.join("renamed.txt").exists(), "deleted when the last handle closed");
         assert_eq!(iomgr::create(r"C:\renamed.txt", &iomgr::OpenParams::default()), Err(STATUS_OBJECT_NAME_NOT_FOUND));
         assert!(take_reports().is_empty());
+    }
+}
+
+scenario! {
+    /// `FlushFileBuffers` needs a handle with write or append access; a flush type outside `FLT_FLUSH_TYPE_*` is
+    /// reported.
+    fn flushes_need_write_access_and_a_known_type() {
+        let (_driver, _root) = setup(false);
+        let read_only = iomgr::create(r"C:\backing.txt", &iomgr::OpenParams::default()).expect("open");
+        assert_eq!(iomgr::flush(&read_only), Err(STATUS_ACCESS_DENIED));
+        let writable = iomgr::OpenParams {
+            desired_access: FILE_WRITE_DATA,
+            share_access: FILE_SHARE_READ | FILE_SHARE_WRITE,
+            ..Default::default()
+        };
+        let writable = iomgr::create(r"C:\backing.txt", &writable).expect("open for writing");
+        iomgr::flush(&writable).expect("flush");
+        iomgr::close(read_only);
+        iomgr::close(writable);
+        assert!(take_reports().is_empty());
+        // SAFETY: the model checks the type first and reports it.
+        let status = unsafe { FltFlushBuffers2(0, std::ptr::null(), 0x10, std::ptr::null()) };
+        assert_eq!(status, STATUS_INVALID_PARAMETER);
+        assert_eq!(take_reports().into_iter().map(|r| r.rule).collect::<Vec<_>>(), [Rule::InvalidArgument]);
     }
 }

@@ -1,5 +1,6 @@
 //! Filter-built operations: `FltAllocateCallbackData`, `FltPerformSynchronousIo`, `FltFreeCallbackData`, and the
-//! information routines `FltQueryInformationFile` / `FltSetInformationFile`.
+//! information routines `FltQueryInformationFile` / `FltSetInformationFile`, and `FltFlushBuffers` /
+//! `FltFlushBuffers2`.
 //!
 //! The operation a filter builds enters the stack below its instance, like every other filter-initiated I/O. The
 //! model performs reads, writes (including a write at `FILE_WRITE_TO_END_OF_FILE`, which the file system appends
@@ -17,9 +18,15 @@ use windows_sys::{
         Foundation::FILE_OBJECT,
         Storage::FileSystem::{
             FILE_INFORMATION_CLASS,
-            Minifilters::{FLT_CALLBACK_DATA, PFLT_FILTER, PFLT_INSTANCE},
+            Minifilters::{
+                FLT_CALLBACK_DATA, FLT_FLUSH_TYPE_DATA_SYNC_ONLY, FLT_FLUSH_TYPE_FILE_DATA_ONLY,
+                FLT_FLUSH_TYPE_FLUSH_AND_PURGE, FLT_FLUSH_TYPE_NO_SYNC, PFLT_FILTER, PFLT_INSTANCE,
+            },
         },
-        System::SystemServices::{IRP_MJ_QUERY_INFORMATION, IRP_MJ_READ, IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE},
+        System::SystemServices::{
+            IRP_MJ_QUERY_INFORMATION, IRP_MJ_READ, IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE, IRP_MN_FLUSH_AND_PURGE,
+            IRP_MN_FLUSH_DATA_ONLY, IRP_MN_FLUSH_DATA_SYNC_ONLY, IRP_MN_FLUSH_NO_SYNC,
+        },
     },
     Win32::Foundation::{NTSTATUS, STATUS_INVALID_PARAMETER, STATUS_NOT_IMPLEMENTED, STATUS_SUCCESS},
 };
@@ -273,10 +280,11 @@ pub(crate) fn report_leaks(filter: PFLT_FILTER, after: &str) {
 
 fn information_target(
     api: &'static str,
+    docs: &'static str,
     instance: PFLT_INSTANCE,
     file_object: *const FILE_OBJECT,
 ) -> Option<(iomgr::Handle, PFLT_FILTER)> {
-    if !thread::require_irql_at_most(api, irql::PASSIVE, QUERY_DOCS) {
+    if !thread::require_irql_at_most(api, irql::PASSIVE, docs) {
         return None;
     }
     let Some((filter, _)) = attached(instance) else {
@@ -306,8 +314,9 @@ pub unsafe extern "system" fn FltQueryInformationFile(
     length_returned: *mut u32,
 ) -> NTSTATUS {
     const API: &str = "FltQueryInformationFile";
+    const DOCS: &str = QUERY_DOCS;
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        let Some((handle, filter)) = information_target(API, instance, file_object) else {
+        let Some((handle, filter)) = information_target(API, DOCS, instance, file_object) else {
             return STATUS_INVALID_PARAMETER;
         };
         let origin = Origin { initiator: Some(filter), below: Some(instance) };
@@ -340,8 +349,10 @@ pub unsafe extern "system" fn FltSetInformationFile(
     file_information_class: FILE_INFORMATION_CLASS,
 ) -> NTSTATUS {
     const API: &str = "FltSetInformationFile";
+    const DOCS: &str =
+        "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsetinformationfile";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        let Some((handle, filter)) = information_target(API, instance, file_object) else {
+        let Some((handle, filter)) = information_target(API, DOCS, instance, file_object) else {
             return STATUS_INVALID_PARAMETER;
         };
         // SAFETY: the driver's buffer holds `Length` bytes.
@@ -352,4 +363,63 @@ pub unsafe extern "system" fn FltSetInformationFile(
             Err(status) => status,
         }
     })
+}
+
+/// `FltFlushBuffers`: PASSIVE_LEVEL; an attached instance (the flush enters below it); an open file object; a full
+/// flush (`FltFlushBuffers2` with type 0).
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltflushbuffers>.
+#[unsafe(no_mangle)]
+pub extern "system" fn FltFlushBuffers(instance: PFLT_INSTANCE, file_object: *const FILE_OBJECT) -> NTSTATUS {
+    const API: &str = "FltFlushBuffers";
+    const DOCS: &str =
+        "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltflushbuffers";
+    guarded(API, STATUS_INVALID_PARAMETER, || flush(API, DOCS, instance, file_object, 0))
+}
+
+/// `FltFlushBuffers2`: as `FltFlushBuffers`, with a flush type that must be 0 or one `FLT_FLUSH_TYPE_*` value
+/// (others are reported); it reaches the file system as the `IRP_MN_FLUSH_*` minor function. The optional callback
+/// data only propagates IRP extensions, which the model does not have.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltflushbuffers2>.
+#[unsafe(no_mangle)]
+pub extern "system" fn FltFlushBuffers2(
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    flush_type: u32,
+    _callback_data: *const FLT_CALLBACK_DATA,
+) -> NTSTATUS {
+    const API: &str = "FltFlushBuffers2";
+    const DOCS: &str =
+        "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltflushbuffers2";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        let minor = match flush_type {
+            0 => 0,
+            FLT_FLUSH_TYPE_FLUSH_AND_PURGE => IRP_MN_FLUSH_AND_PURGE,
+            FLT_FLUSH_TYPE_FILE_DATA_ONLY => IRP_MN_FLUSH_DATA_ONLY,
+            FLT_FLUSH_TYPE_NO_SYNC => IRP_MN_FLUSH_NO_SYNC,
+            FLT_FLUSH_TYPE_DATA_SYNC_ONLY => IRP_MN_FLUSH_DATA_SYNC_ONLY,
+            other => {
+                verifier::report(
+                    Rule::InvalidArgument,
+                    API,
+                    format!("FlushType {other:#x} is not a FLT_FLUSH_TYPE_* value"),
+                );
+                return STATUS_INVALID_PARAMETER;
+            }
+        };
+        flush(API, DOCS, instance, file_object, u8::try_from(minor).unwrap_or(0))
+    })
+}
+
+fn flush(
+    api: &'static str,
+    docs: &'static str,
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    minor: u8,
+) -> NTSTATUS {
+    let Some((handle, filter)) = information_target(api, docs, instance, file_object) else {
+        return STATUS_INVALID_PARAMETER;
+    };
+    let origin = Origin { initiator: Some(filter), below: Some(instance) };
+    iomgr::flush_from(&handle, minor, origin, true).err().unwrap_or(STATUS_SUCCESS)
 }

@@ -69,6 +69,8 @@ pub struct CallbackFrame {
     pub major: u8,
     /// Whether the operation was requested from user mode (on a user's behalf).
     pub user_request: bool,
+    /// Whether this is the post-operation callback (otherwise the pre-operation callback).
+    pub post: bool,
 }
 
 thread_local! {
@@ -334,7 +336,7 @@ fn run_from(
         let objects = related(instance, file_object);
         let mut context: *mut c_void = null_mut();
         let data = &raw mut *request.data;
-        let frame = CallbackFrame { filter: instance.filter, major, user_request };
+        let frame = CallbackFrame { filter: instance.filter, major, user_request, post: false };
         super::pending::enter_pre(data, instance.filter);
         // SAFETY: the driver registered this callback and is loaded; the data, objects and context outlive the call.
         let status = in_frame(frame, || unsafe { pre(data, &raw const objects, &raw mut context) });
@@ -508,7 +510,7 @@ fn call_post(request: &mut Request, pending: &PendingPost, file_object: *const F
     request.iopb.TargetInstance = pending.instance.handle;
     let objects = related(&pending.instance, file_object);
     let data = &raw mut *request.data;
-    let frame = CallbackFrame { filter: pending.instance.filter, major, user_request };
+    let frame = CallbackFrame { filter: pending.instance.filter, major, user_request, post: true };
     let status = in_frame(frame, || {
         thread::at_irql(level, || {
             // SAFETY: the driver registered this callback and is loaded; the data and objects outlive the call.

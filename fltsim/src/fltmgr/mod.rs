@@ -1,6 +1,7 @@
 //! The Filter Manager model: registration of minifilters, their instances on volumes, starting and stopping them.
 
 pub mod callback_data;
+pub mod cancel;
 pub mod context;
 pub mod dispatch;
 pub mod fileio;

@@ -17,18 +17,18 @@ use windows_sys::{
         Foundation::{ACCESS_STATE, FILE_OBJECT, IO_SECURITY_CONTEXT, SECTION_OBJECT_POINTERS},
         Storage::FileSystem::{FILE_SYNCHRONOUS_IO_ALERT, FILE_SYNCHRONOUS_IO_NONALERT},
         System::SystemServices::{
-            FO_SYNCHRONOUS_IO, IO_REPARSE, IRP_MJ_CLEANUP, IRP_MJ_CLOSE, IRP_MJ_LOCK_CONTROL, IRP_MJ_QUERY_INFORMATION,
-            IRP_MJ_READ, IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE, IRP_MN_LOCK, IRP_MN_UNLOCK_SINGLE, IRP_NOCACHE,
-            IRP_PAGING_IO, SL_CASE_SENSITIVE,
+            FO_FILE_OPEN_CANCELLED, FO_SYNCHRONOUS_IO, IO_REPARSE, IRP_MJ_CLEANUP, IRP_MJ_CLOSE, IRP_MJ_FLUSH_BUFFERS,
+            IRP_MJ_LOCK_CONTROL, IRP_MJ_QUERY_INFORMATION, IRP_MJ_READ, IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE,
+            IRP_MN_LOCK, IRP_MN_UNLOCK_SINGLE, IRP_NOCACHE, IRP_PAGING_IO, SL_CASE_SENSITIVE,
         },
     },
     Win32::{
         Foundation::{
-            NTSTATUS, STATUS_FILE_LOCK_CONFLICT, STATUS_INVALID_PARAMETER, STATUS_MOUNT_POINT_NOT_RESOLVED,
-            STATUS_OBJECT_PATH_NOT_FOUND, STATUS_REPARSE, STATUS_REPARSE_POINT_NOT_RESOLVED, STATUS_SUCCESS,
-            UNICODE_STRING,
+            NTSTATUS, STATUS_ACCESS_DENIED, STATUS_FILE_LOCK_CONFLICT, STATUS_INVALID_PARAMETER,
+            STATUS_MOUNT_POINT_NOT_RESOLVED, STATUS_OBJECT_PATH_NOT_FOUND, STATUS_REPARSE,
+            STATUS_REPARSE_POINT_NOT_RESOLVED, STATUS_SUCCESS, UNICODE_STRING,
         },
-        Storage::FileSystem::{FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE},
+        Storage::FileSystem::{FILE_APPEND_DATA, FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA},
     },
 };
 
@@ -248,8 +248,37 @@ enum Created {
 /// File objects whose create is in progress, which `IoReplaceFileObjectName` may rename.
 static CREATING: Mutex<BTreeMap<usize, (usize, Volume)>> = Mutex::new(BTreeMap::new());
 
-/// File objects the file system has opened whose create is still on its way back up (post-create callbacks).
-static OPENED_IN_CREATE: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+/// File objects the file system has opened whose create is still on its way back up (post-create callbacks), with
+/// the file system's open.
+static OPENED_IN_CREATE: Mutex<BTreeMap<usize, OpenId>> = Mutex::new(BTreeMap::new());
+
+/// File objects whose open a filter cancelled (`FltCancelFileOpen`) while their create was on its way back up.
+static CANCELLED: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+
+/// `FltCancelFileOpen`'s effect: the file system sees cleanup and close of the open at once, the file object gets
+/// `FO_FILE_OPEN_CANCELLED`, and the create fails for everything above the caller. Errors say why the file object
+/// is not one whose successful create is on its way back up.
+pub(crate) fn cancel_open(file_object: *const FILE_OBJECT) -> Result<(), String> {
+    let address = file_object as usize;
+    let Some(open) = OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).remove(&address) else {
+        return Err(if CANCELLED.lock().unwrap_or_else(PoisonError::into_inner).contains(&address) {
+            format!("the open of {file_object:?} is already cancelled")
+        } else {
+            format!("{file_object:?} is not a file object the file system has just opened in this create")
+        });
+    };
+    let boxed = CREATING.lock().unwrap_or_else(PoisonError::into_inner).get(&address).map(|(b, _)| *b);
+    if let Some(boxed) = boxed {
+        // SAFETY: the file object box of a create in progress; its thread waits in this create's post-create
+        // callbacks, one of which is calling, so nothing else touches it now.
+        let boxed = unsafe { &mut *(boxed as *mut FileObjectBox) };
+        boxed.object.Flags |= FO_FILE_OPEN_CANCELLED;
+    }
+    fs::cleanup(open);
+    fs::close(open);
+    CANCELLED.lock().unwrap_or_else(PoisonError::into_inner).insert(address);
+    Ok(())
+}
 
 /// What the model knows of a file object, for name queries.
 pub(crate) struct FileObjectInfo {
@@ -302,7 +331,7 @@ pub(crate) fn describe(file_object: *const FILE_OBJECT) -> Option<FileObjectInfo
 /// Whether `file_object` is open: created by the file system (post-create on) and not yet closed.
 #[must_use]
 pub fn is_open_file_object(file_object: *const FILE_OBJECT) -> bool {
-    OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).contains(&(file_object as usize))
+    OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&(file_object as usize))
         || handle_of(file_object).is_some()
 }
 
@@ -366,6 +395,41 @@ fn attach_stream(object: &mut FILE_OBJECT, stream: StreamId) {
     });
 }
 
+/// A filter's post-create may fail a create the file system completed only by cancelling the open first
+/// (`FltCancelFileOpen`), then setting an error status: otherwise the file system's open is never closed. A cancelled
+/// open left with a success status would hand the caller a closed file. Both are reported; the model then closes
+/// what is still open so later operations see a sane file system. Returns the open to keep, if any.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ifs/failing-an-i-o-operation-in-a-postoperation-callback-routine>.
+fn check_failed_create(created: Option<fs::Created>, status: NTSTATUS, object_address: usize) -> Option<fs::Created> {
+    const API: &str = "PFLT_POST_OPERATION_CALLBACK";
+    let cancelled = CANCELLED.lock().unwrap_or_else(PoisonError::into_inner).remove(&object_address);
+    if cancelled {
+        if status >= 0 && status != STATUS_REPARSE {
+            crate::verifier::report(
+                crate::verifier::Rule::CreateFailureProtocol,
+                API,
+                format!("FltCancelFileOpen was called but the create completes with {status:#010x}, a success"),
+            );
+        }
+        return None;
+    }
+    match created {
+        Some(done) if status < 0 => {
+            crate::verifier::report(
+                crate::verifier::Rule::CreateFailureProtocol,
+                API,
+                format!(
+                    "the file system opened the file but a post-create failed it with {status:#010x} without FltCancelFileOpen; the open is never closed"
+                ),
+            );
+            fs::cleanup(done.open);
+            fs::close(done.open);
+            None
+        }
+        other => other,
+    }
+}
+
 fn create_once(
     volume: &Volume,
     within: &str,
@@ -423,8 +487,8 @@ fn create_once(
             Ok(fs::CreateOutcome::Opened(done)) => {
                 attach_stream(&mut file_object.object, done.stream);
                 request.complete(STATUS_SUCCESS, done.information);
+                OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).insert(object_address, done.open);
                 created = Some(done);
-                OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).insert(object_address);
             }
             Ok(fs::CreateOutcome::Reparse(reparse)) => {
                 // The file system's own reparse point (a symbolic link, junction or mount point): the I/O manager
@@ -438,6 +502,7 @@ fn create_once(
     CREATING.lock().unwrap_or_else(PoisonError::into_inner).remove(&object_address);
     OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).remove(&object_address);
     let status = request.status();
+    let created = check_failed_create(created, status, object_address);
     if status == STATUS_REPARSE
         && let Some(name) = reparse_to
     {
@@ -746,6 +811,35 @@ pub(crate) fn dereference(handle: &Handle) {
 pub fn query_information(handle: &Handle, class: i32, length: u32) -> Result<Vec<u8>, NTSTATUS> {
     let t = target(handle)?;
     query_from(handle, class, length, Origin::default(), t.kernel_mode)
+}
+
+/// `FlushFileBuffers` (`NtFlushBuffersFile`): `IRP_MJ_FLUSH_BUFFERS` through the filters. A user-mode handle
+/// needs write or append access (`STATUS_ACCESS_DENIED` before any IRP, the I/O manager's check); the file system
+/// answers.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ifs/irp-mj-flush-buffers>.
+///
+/// # Errors
+/// `STATUS_ACCESS_DENIED` without write access, or the status of the filters or the file system.
+pub fn flush(handle: &Handle) -> Result<(), NTSTATUS> {
+    let t = target(handle)?;
+    if !t.kernel_mode && fs::granted_access(t.open)? & (FILE_WRITE_DATA | FILE_APPEND_DATA) == 0 {
+        return Err(STATUS_ACCESS_DENIED);
+    }
+    flush_from(handle, 0, Origin::default(), t.kernel_mode)
+}
+
+/// Flushes through the filters from `origin`, with `minor` (`IRP_MN_FLUSH_*`, 0 for a full flush) as the flush
+/// type.
+pub(crate) fn flush_from(handle: &Handle, minor: u8, origin: Origin, kernel_mode: bool) -> Result<(), NTSTATUS> {
+    let t = target(handle)?;
+    let mut request = Request::new(major(IRP_MJ_FLUSH_BUFFERS), t.file_object, kernel_mode).from_origin(origin);
+    request.iopb().MinorFunction = minor;
+    dispatch(t.volume.handle, &mut request, |request| match fs::flush(t.open) {
+        Ok(()) => request.complete(STATUS_SUCCESS, 0),
+        Err(status) => request.complete(status, 0),
+    });
+    let status = request.status();
+    if status < 0 { Err(status) } else { Ok(()) }
 }
 
 /// Queries information through the filters from `origin`.

@@ -25,6 +25,8 @@ pub struct VolumeSpec {
     pub file_system: FLT_FILESYSTEM_TYPE,
     /// Bytes per sector (512 or 4096).
     pub sector_size: u32,
+    /// The device's buffer alignment mask (`FILE_*_ALIGNMENT`), as `FltGetVolumeProperties` reports it.
+    pub alignment_requirement: u32,
     /// The host directory holding the volume's files.
     pub root: PathBuf,
 }
@@ -38,6 +40,7 @@ impl VolumeSpec {
             device_type: FILE_DEVICE_DISK_FILE_SYSTEM,
             file_system: FLT_FSTYPE_NTFS,
             sector_size: 512,
+            alignment_requirement: windows_sys::Wdk::System::SystemServices::FILE_WORD_ALIGNMENT,
             root: root.into(),
         }
     }

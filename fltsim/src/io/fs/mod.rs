@@ -1882,6 +1882,24 @@ fn process_deletes(s: &mut State, root: &Path, node_id: u64, stream: Option<(Str
     }
 }
 
+/// `IRP_MJ_FLUSH_BUFFERS`: the model writes file data straight to the host file, so there is nothing cached to
+/// write; it answers `STATUS_FILE_CLOSED` after cleanup, as NTFS does. Nothing is synced to the host disk: tests do
+/// not survive power loss.
+///
+/// # Errors
+/// `STATUS_FILE_CLOSED` after cleanup; `STATUS_INVALID_PARAMETER` for an unknown open.
+pub fn flush(open: OpenId) -> Result<(), NTSTATUS> {
+    with_state(|s| s.live(open).map(|_| ()))
+}
+
+/// The access granted to `open` (for the I/O manager's handle checks).
+///
+/// # Errors
+/// `STATUS_INVALID_PARAMETER` for an unknown open.
+pub fn granted_access(open: OpenId) -> Result<u32, NTSTATUS> {
+    with_state(|s| s.opens.get(&open).map(|o| o.access).ok_or(STATUS_INVALID_PARAMETER))
+}
+
 /// `IRP_MJ_CLEANUP`: the last handle to the file object is closed. Its share access is released; with
 /// `FILE_DELETE_ON_CLOSE` its link (or stream) becomes delete-pending; and when no handle is left on the file,
 /// its delete-pending links go (the file with its last one).
