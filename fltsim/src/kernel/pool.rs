@@ -5,13 +5,26 @@
 //! given, in which case it is filled with [`UNINITIALIZED_FILL`] so that code relying on zeroed memory fails
 //! visibly, as it would with special pool. Failure injection ([`FailurePlan`]) makes chosen allocations return
 //! NULL, as low-resources simulation does.
+//!
+//! Per-site injection mirrors Driver Verifier's *systematic low resources simulation*
+//! (<https://learn.microsoft.com/windows-hardware/drivers/devtest/systematic-low-resource-simulation>), which fails
+//! an allocation the first time it sees the call stack that made it, so every error path runs once, reproducibly.
+//! Here an allocation [`Site`] is the call path that reached `ExAllocatePool2`: the return addresses of the
+//! [`SITE_DEPTH`] frames above it. [`record_sites`] and [`sites`] list the sites a scenario reaches,
+//! [`FailurePlan::Site`] fails the first allocation from one site, and [`fail_each_site`] runs a scenario once per
+//! site with that site failing, including sites that only the error paths reach.
 
 use std::{
     alloc::{Layout, alloc, alloc_zeroed, dealloc},
     collections::{BTreeMap, HashSet},
     ffi::c_void,
+    fmt,
+    hash::{DefaultHasher, Hash, Hasher},
     ptr::null_mut,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use super::{irql, thread};
@@ -22,6 +35,24 @@ use crate::{
 
 const EXALLOCATEPOOL2: &str = "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-exallocatepool2";
 const EXFREEPOOLWITHTAG: &str = "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-exfreepoolwithtag";
+
+/// How many caller frames above `ExAllocatePool2` identify an allocation [`Site`].
+///
+/// Deep enough that distinct paths through a shared allocation helper (or a global allocator) are distinct sites.
+pub const SITE_DEPTH: usize = 12;
+
+/// When `ExAllocatePool2`'s own frame cannot be found in a stack walk (no unwind information, or the function was
+/// inlined into its caller), this many innermost frames are skipped instead: as many as the stack walker's and the
+/// model's own frames, `ExAllocatePool2`'s included, take in an unoptimised build. An optimised build has fewer of
+/// them, so the frames kept then start a little further up the callers: still deterministic, only coarser (paths
+/// that differ only in their nearest callers may share a site).
+pub const SITE_FALLBACK_SKIP: usize = 10;
+
+/// The most frames a stack walk looks through for `ExAllocatePool2`'s frame before falling back.
+const WALK_LIMIT: usize = 64;
+
+/// The most sites [`fail_each_site`] fails, so a scenario whose error paths keep reaching new sites still ends.
+pub const FAIL_EACH_SITE_CAP: usize = 1024;
 
 /// `POOL_FLAGS` (wdm.h).
 pub mod flags {
@@ -52,6 +83,9 @@ pub mod flags {
 pub const UNINITIALIZED_FILL: u8 = 0xBD;
 
 /// Which allocations fail on purpose.
+///
+/// Setting a plan ([`set_failure_plan`]) restarts its count: [`FailurePlan::Nth`] counts from then, and
+/// [`FailurePlan::Site`] fails the first allocation from its site after then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FailurePlan {
     /// None.
@@ -68,6 +102,76 @@ pub enum FailurePlan {
         /// One allocation in this many fails, on average.
         one_in: u64,
     },
+    /// The first allocation from this [`Site`] after the plan is set, once; later allocations from it succeed, as
+    /// Driver Verifier's systematic low resources simulation does.
+    Site(Site),
+}
+
+/// An allocation site: the call path that reached `ExAllocatePool2`, identified by a hash of the return addresses
+/// of up to [`SITE_DEPTH`] caller frames above it.
+///
+/// The identity is the hash alone, which is deterministic within a process (code addresses do not move), not
+/// across processes (address-space layout randomisation). The tag and size are those of the first allocation
+/// seen from the site since [`record_sites`] started recording, kept to make the site recognisable; they take no
+/// part in equality, hashing or ordering.
+#[derive(Clone, Copy, Debug)]
+pub struct Site {
+    id: u64,
+    tag: u32,
+    size: usize,
+}
+
+impl Site {
+    /// The hash of the call path that identifies the site.
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The tag of the first allocation seen from the site.
+    #[must_use]
+    pub fn tag(&self) -> u32 {
+        self.tag
+    }
+
+    /// The size of the first allocation seen from the site.
+    #[must_use]
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+impl PartialEq for Site {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Site {}
+
+impl Hash for Site {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+
+impl PartialOrd for Site {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Site {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.id.cmp(&other.id)
+    }
+}
+
+impl fmt::Display for Site {
+    /// `site 0123456789abcdef (first 'Tag1', 64 bytes)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "site {:016x} (first '{}', {} bytes)", self.id, tag_name(self.tag), self.size)
+    }
 }
 
 /// One live allocation.
@@ -116,9 +220,19 @@ struct Pool {
     plan: FailurePlan,
     sequence: u64,
     rng: u64,
+    /// Whether a [`FailurePlan::Site`] plan has failed its allocation.
+    site_failed: bool,
+    recording: bool,
+    /// The sites seen while recording, in first-seen order, and their ids.
+    sites: Vec<Site>,
+    site_ids: HashSet<u64>,
 }
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+/// Whether `ExAllocatePool2` must walk the stack for its site: sites are being recorded, or a site plan waits to
+/// fail. Read without the pool lock so that the walk happens before it is taken, and not at all otherwise.
+static CAPTURE_SITES: AtomicBool = AtomicBool::new(false);
 
 fn pool() -> MutexGuard<'static, Option<Pool>> {
     POOL.lock().unwrap_or_else(PoisonError::into_inner)
@@ -128,15 +242,84 @@ fn with_pool<T>(f: impl FnOnce(&mut Pool) -> T) -> T {
     f(pool().get_or_insert_with(Pool::default))
 }
 
-/// Sets which allocations fail from now on, restarting the sequence count.
+/// Sets which allocations fail from now on, restarting the sequence count (and re-arming a [`FailurePlan::Site`]).
 pub fn set_failure_plan(plan: FailurePlan) {
     with_pool(|p| {
         p.plan = plan;
         p.sequence = 0;
+        p.site_failed = false;
         if let FailurePlan::Random { seed, .. } = plan {
             p.rng = seed;
         }
+        p.update_capture();
     });
+}
+
+/// Starts (`true`) or stops (`false`) recording the allocation sites `ExAllocatePool2` is called from.
+///
+/// Starting clears the sites recorded before; stopping keeps them for [`sites`]. Recording walks the stack on every
+/// allocation, so leave it off when it is not needed.
+pub fn record_sites(on: bool) {
+    with_pool(|p| {
+        if on {
+            p.sites.clear();
+            p.site_ids.clear();
+        }
+        p.recording = on;
+        p.update_capture();
+    });
+}
+
+/// The distinct sites allocated from since recording started ([`record_sites`]), in first-seen order.
+#[must_use]
+pub fn sites() -> Vec<Site> {
+    with_pool(|p| p.sites.clone())
+}
+
+/// Runs `scenario` once per allocation site it reaches, with that site's first allocation failing: Driver
+/// Verifier's systematic low resources simulation
+/// (<https://learn.microsoft.com/windows-hardware/drivers/devtest/systematic-low-resource-simulation>) as a loop.
+///
+/// The first run passes `None` and fails nothing, while the sites it reaches are recorded. Then, for each recorded
+/// site in first-seen order, the plan is set to [`FailurePlan::Site`] (which restarts the sequence count) and the
+/// scenario runs again with `Some(site)`. Recording goes on during those runs, so sites first reached on an error
+/// path are failed in turn too, up to [`FAIL_EACH_SITE_CAP`] sites. Verifier reports and live allocations are left
+/// alone: the scenario checks them itself (with [`live`] and `verifier::take_reports`) and cleans up what it must.
+/// The scenario is always called from one place here, so its call path, and with it the sites it reaches, is the
+/// same on every run. When the runs end (or the scenario panics), the plan is back to [`FailurePlan::Never`] and
+/// recording is off; [`sites`] still lists every site reached.
+///
+/// Returns how many sites were failed: the number of runs with a [`FailurePlan::Site`]. (A planned failure does not
+/// fire in a run that never reaches its site, such as one only another site's error path reaches.)
+pub fn fail_each_site(mut scenario: impl FnMut(Option<Site>)) -> usize {
+    /// Puts the plan and recording back however the runs end.
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            set_failure_plan(FailurePlan::Never);
+            record_sites(false);
+        }
+    }
+    let _reset = Reset;
+    set_failure_plan(FailurePlan::Never);
+    record_sites(true);
+    let mut failing: Option<Site> = None;
+    let mut failed = 0;
+    loop {
+        set_failure_plan(failing.map_or(FailurePlan::Never, FailurePlan::Site));
+        scenario(failing);
+        if failing.is_some() {
+            failed += 1;
+        }
+        if failed == FAIL_EACH_SITE_CAP {
+            break;
+        }
+        failing = with_pool(|p| p.sites.get(failed).copied());
+        if failing.is_none() {
+            break;
+        }
+    }
+    failed
 }
 
 /// The allocations live now, in address order.
@@ -152,10 +335,32 @@ pub fn stats() -> PoolStats {
 }
 
 impl Pool {
-    fn should_fail(&mut self, tag: u32) -> bool {
+    fn update_capture(&self) {
+        let waiting = matches!(self.plan, FailurePlan::Site(_)) && !self.site_failed;
+        CAPTURE_SITES.store(self.recording || waiting, Ordering::SeqCst);
+    }
+
+    fn record(&mut self, path: Option<u64>, tag: u32, size: usize) {
+        if let Some(id) = path
+            && self.recording
+            && self.site_ids.insert(id)
+        {
+            self.sites.push(Site { id, tag, size });
+        }
+    }
+
+    fn should_fail(&mut self, tag: u32, site: Option<u64>) -> bool {
         self.sequence += 1;
         match self.plan {
             FailurePlan::Never => false,
+            FailurePlan::Site(s) => {
+                let fail = !self.site_failed && site == Some(s.id);
+                if fail {
+                    self.site_failed = true;
+                    self.update_capture();
+                }
+                fail
+            }
             FailurePlan::Nth(n) => self.sequence == n,
             FailurePlan::Tag(t) => t == tag,
             FailurePlan::Random { one_in, .. } => {
@@ -169,6 +374,37 @@ impl Pool {
             }
         }
     }
+}
+
+/// The site of the `ExAllocatePool2` call this runs in, or `None` when no one needs it (see [`CAPTURE_SITES`]).
+///
+/// Walks the stack with the `backtrace` crate, which neither allocates pool nor calls into the model, without
+/// symbolising. The frames kept are those after `ExAllocatePool2`'s own (found by its start address), or, when
+/// that frame is not found, those after the first [`SITE_FALLBACK_SKIP`]. Must run before the pool lock is taken.
+#[inline(never)]
+fn current_site() -> Option<u64> {
+    if !CAPTURE_SITES.load(Ordering::SeqCst) {
+        return None;
+    }
+    let entry = ExAllocatePool2 as *const () as usize;
+    let mut frames = [0usize; WALK_LIMIT];
+    let mut walked = 0;
+    let mut after_entry: Option<usize> = None;
+    backtrace::trace(|frame| {
+        if let Some(slot) = frames.get_mut(walked) {
+            *slot = frame.ip() as usize;
+            walked += 1;
+        }
+        if after_entry.is_none() && frame.symbol_address() as usize == entry {
+            after_entry = Some(walked);
+        }
+        walked < WALK_LIMIT && after_entry.is_none_or(|start| walked < start + SITE_DEPTH)
+    });
+    let start = after_entry.unwrap_or(SITE_FALLBACK_SKIP).min(walked);
+    let end = (start + SITE_DEPTH).min(walked);
+    let mut hasher = DefaultHasher::new();
+    frames.get(start..end).unwrap_or_default().hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 fn layout_for(size: usize) -> Option<Layout> {
@@ -204,7 +440,8 @@ fn validate_request(flags: u64, size: usize, tag: u32) -> Result<(), String> {
 ///
 /// Rules (docs page below): IRQL ≤ DISPATCH_LEVEL, and ≤ APC_LEVEL for paged pool; a non-zero size; a non-zero tag
 /// of printable characters; valid flags naming one pool type. An invalid request returns NULL, as Windows does,
-/// and is reported. Memory is zeroed unless `POOL_FLAG_UNINITIALIZED`.
+/// and is reported. Memory is zeroed unless `POOL_FLAG_UNINITIALIZED`. A valid request is recorded by its
+/// [`Site`] while [`record_sites`] is on, and fails when the [`FailurePlan`] says so.
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-exallocatepool2>.
 #[unsafe(no_mangle)]
 pub extern "system" fn ExAllocatePool2(flags: u64, number_of_bytes: usize, tag: u32) -> *mut c_void {
@@ -221,8 +458,11 @@ pub extern "system" fn ExAllocatePool2(flags: u64, number_of_bytes: usize, tag: 
         let Some(layout) = layout_for(number_of_bytes) else {
             return null_mut();
         };
+        // Before the pool lock: the walk takes the `backtrace` crate's own lock and must not hold ours meanwhile.
+        let site = current_site();
         with_pool(|p| {
-            if p.should_fail(tag) {
+            p.record(site, tag, number_of_bytes);
+            if p.should_fail(tag, site) {
                 p.stats.injected_failures += 1;
                 return null_mut();
             }
