@@ -443,6 +443,13 @@ pub const EXPORTS: &[Export] = &[
         "fltkernel/nf-fltkernel-fltfreecallbackdata"
     ),
     export!(
+        "FltGetDestinationFileNameInformation",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; an attached instance; an open file object; the normalized or opened format (short: STATUS_FLT_INVALID_NAME_REQUEST) and one query method; STATUS_FLT_INVALID_NAME_REQUEST with a top-level IRP set; a full destination on another volume answers STATUS_NOT_SAME_DEVICE; a RootDirectory handle is reported as not modelled; blocks are released like any name information",
+        "fltkernel/nf-fltkernel-fltgetdestinationfilenameinformation"
+    ),
+    export!(
         "FltFlushBuffers",
         "fltmgr.sys",
         "PASSIVE_LEVEL",

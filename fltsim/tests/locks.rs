@@ -3,7 +3,6 @@
 
 use std::{
     ffi::c_void,
-    ptr::null_mut,
     sync::atomic::{AtomicIsize, AtomicU8, Ordering},
 };
 
@@ -12,6 +11,7 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::process,
     scenario,
+    testfilters::build::{END, Table, operation, register, registration, unregister},
     verifier::take_reports,
 };
 use windows_sys::{
@@ -21,10 +21,9 @@ use windows_sys::{
             FILE_LOCK, FsRtlFastUnlockAll,
             Minifilters::{
                 FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_COMPLETE,
-                FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_REGISTRATION_VERSION, FLT_RELATED_OBJECTS,
-                FltAllocateFileLock, FltCheckLockForReadAccess, FltFreeFileLock, FltGetRequestorProcess,
-                FltProcessFileLock, FltRegisterFilter, FltStartFiltering, FltUnregisterFilter, IRP_MJ_OPERATION_END,
-                PFLT_FILTER,
+                FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltAllocateFileLock,
+                FltCheckLockForReadAccess, FltFreeFileLock, FltGetRequestorProcess, FltProcessFileLock,
+                FltStartFiltering,
             },
         },
     },
@@ -122,72 +121,21 @@ unsafe extern "system" fn pre_cleanup(
     FLT_PREOP_SUCCESS_NO_CALLBACK
 }
 
-struct Table<T>(T);
-// SAFETY: immutable statics of plain data and function pointers.
-unsafe impl<T> Sync for Table<T> {}
-
-#[allow(clippy::cast_possible_truncation, reason = "small constants")]
-const END: u8 = IRP_MJ_OPERATION_END as u8;
-
 static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 4]> = Table([
-    FLT_OPERATION_REGISTRATION {
-        MajorFunction: 17,
-        Flags: 0,
-        PreOperation: Some(pre_lock),
-        PostOperation: None,
-        Reserved1: null_mut(),
-    },
-    FLT_OPERATION_REGISTRATION {
-        MajorFunction: 3,
-        Flags: 0,
-        PreOperation: Some(pre_read),
-        PostOperation: None,
-        Reserved1: null_mut(),
-    },
-    FLT_OPERATION_REGISTRATION {
-        MajorFunction: 18,
-        Flags: 0,
-        PreOperation: Some(pre_cleanup),
-        PostOperation: None,
-        Reserved1: null_mut(),
-    },
-    FLT_OPERATION_REGISTRATION {
-        MajorFunction: END,
-        Flags: 0,
-        PreOperation: None,
-        PostOperation: None,
-        Reserved1: null_mut(),
-    },
+    operation(17, Some(pre_lock), None),
+    operation(3, Some(pre_read), None),
+    operation(18, Some(pre_cleanup), None),
+    operation(END, None, None),
 ]);
 
-#[allow(clippy::cast_possible_truncation, reason = "small constants")]
-static REGISTRATION: Table<FLT_REGISTRATION> = Table(FLT_REGISTRATION {
-    Size: size_of::<FLT_REGISTRATION>() as u16,
-    Version: FLT_REGISTRATION_VERSION as u16,
-    Flags: 0,
-    ContextRegistration: std::ptr::null(),
-    OperationRegistration: (&raw const OPERATIONS.0).cast(),
-    FilterUnloadCallback: Some(unload),
-    InstanceSetupCallback: None,
-    InstanceQueryTeardownCallback: None,
-    InstanceTeardownStartCallback: None,
-    InstanceTeardownCompleteCallback: None,
-    GenerateFileNameCallback: None,
-    NormalizeNameComponentCallback: None,
-    NormalizeContextCleanupCallback: None,
-    TransactionNotificationCallback: None,
-    NormalizeNameComponentExCallback: None,
-    SectionNotificationCallback: None,
-});
+static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
 unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    let mut filter: PFLT_FILTER = 0;
-    // SAFETY: the loader's driver object and a static table.
-    let status = unsafe { FltRegisterFilter(driver, &raw const REGISTRATION.0, &raw mut filter) };
-    if status < 0 {
-        return status;
-    }
-    FILTER.store(filter, Ordering::SeqCst);
+    // SAFETY: the loader's driver object.
+    let filter = match unsafe { register(driver, &REGISTRATION, &FILTER) } {
+        Ok(filter) => filter,
+        Err(status) => return status,
+    };
     // SAFETY: no preconditions.
     LOCK.store(unsafe { FltAllocateFileLock(None, None) } as isize, Ordering::SeqCst);
     // SAFETY: a registered filter.
@@ -199,8 +147,7 @@ unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
         // SAFETY: the lock allocated in DriverEntry, freed once.
         unsafe { FltFreeFileLock(LOCK.load(Ordering::SeqCst) as *const FILE_LOCK) };
     }
-    // SAFETY: the registered filter.
-    unsafe { FltUnregisterFilter(FILTER.load(Ordering::SeqCst)) };
+    unregister(&FILTER);
     STATUS_SUCCESS
 }
 

@@ -18,15 +18,16 @@ use fltsim::{
         work,
     },
     scenario,
+    testfilters::build::{END, Table, operation, register, registration, unregister},
     verifier::take_reports,
 };
 use windows_sys::{
     Wdk::{
         Foundation::{DRIVER_OBJECT, OBJECT_ATTRIBUTES},
         Storage::FileSystem::Minifilters::{
-            FLT_OPERATION_REGISTRATION, FLT_REGISTRATION, FLT_REGISTRATION_VERSION, FltBuildDefaultSecurityDescriptor,
-            FltCloseClientPort, FltCloseCommunicationPort, FltCreateCommunicationPort, FltFreeSecurityDescriptor,
-            FltRegisterFilter, FltStartFiltering, FltUnregisterFilter, IRP_MJ_OPERATION_END, PFLT_FILTER, PFLT_PORT,
+            FLT_OPERATION_REGISTRATION, FLT_REGISTRATION, FltBuildDefaultSecurityDescriptor, FltCloseClientPort,
+            FltCloseCommunicationPort, FltCreateCommunicationPort, FltFreeSecurityDescriptor, FltStartFiltering,
+            PFLT_PORT,
         },
         System::SystemServices::{MM_COPY_ADDRESS, MM_COPY_ADDRESS_0, MM_COPY_MEMORY_VIRTUAL, MmCopyMemory},
     },
@@ -198,47 +199,16 @@ unsafe extern "system" fn message_notify(
     STATUS_SUCCESS
 }
 
-struct Table<T>(T);
-// SAFETY: immutable statics of plain data and function pointers.
-unsafe impl<T> Sync for Table<T> {}
+static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 1]> = Table([operation(END, None, None)]);
 
-#[allow(clippy::cast_possible_truncation, reason = "small constants")]
-static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 1]> = Table([FLT_OPERATION_REGISTRATION {
-    MajorFunction: IRP_MJ_OPERATION_END as u8,
-    Flags: 0,
-    PreOperation: None,
-    PostOperation: None,
-    Reserved1: null_mut(),
-}]);
-
-#[allow(clippy::cast_possible_truncation, reason = "small constants")]
-static REGISTRATION: Table<FLT_REGISTRATION> = Table(FLT_REGISTRATION {
-    Size: size_of::<FLT_REGISTRATION>() as u16,
-    Version: FLT_REGISTRATION_VERSION as u16,
-    Flags: 0,
-    ContextRegistration: std::ptr::null(),
-    OperationRegistration: (&raw const OPERATIONS.0).cast(),
-    FilterUnloadCallback: Some(unload),
-    InstanceSetupCallback: None,
-    InstanceQueryTeardownCallback: None,
-    InstanceTeardownStartCallback: None,
-    InstanceTeardownCompleteCallback: None,
-    GenerateFileNameCallback: None,
-    NormalizeNameComponentCallback: None,
-    NormalizeContextCleanupCallback: None,
-    TransactionNotificationCallback: None,
-    NormalizeNameComponentExCallback: None,
-    SectionNotificationCallback: None,
-});
+static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
 unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    let mut filter: PFLT_FILTER = 0;
-    // SAFETY: the loader's driver object and a static table.
-    let status = unsafe { FltRegisterFilter(driver, &raw const REGISTRATION.0, &raw mut filter) };
-    if status < 0 {
-        return status;
-    }
-    FILTER.store(filter, Ordering::SeqCst);
+    // SAFETY: the loader's driver object.
+    let filter = match unsafe { register(driver, &REGISTRATION, &FILTER) } {
+        Ok(filter) => filter,
+        Err(status) => return status,
+    };
     let mut descriptor: PSECURITY_DESCRIPTOR = null_mut();
     // SAFETY: a place for the descriptor.
     let status = unsafe { FltBuildDefaultSecurityDescriptor(&raw mut descriptor, FLT_PORT_ALL_ACCESS) };
@@ -283,8 +253,7 @@ unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
         // SAFETY: the server port this filter created.
         unsafe { FltCloseCommunicationPort(server) };
     }
-    // SAFETY: the registered filter.
-    unsafe { FltUnregisterFilter(FILTER.load(Ordering::SeqCst)) };
+    unregister(&FILTER);
     STATUS_SUCCESS
 }
 

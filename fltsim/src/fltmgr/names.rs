@@ -15,25 +15,27 @@ use std::{
 
 use windows_sys::{
     Wdk::{
+        Foundation::FILE_OBJECT,
         Storage::FileSystem::Minifilters::{
             FLT_CALLBACK_DATA, FLT_FILE_NAME_INFORMATION, FLT_FILE_NAME_NORMALIZED, FLT_FILE_NAME_OPENED,
             FLT_FILE_NAME_QUERY_ALWAYS_ALLOW_CACHE_LOOKUP, FLT_FILE_NAME_QUERY_CACHE_ONLY, FLT_FILE_NAME_QUERY_DEFAULT,
             FLT_FILE_NAME_QUERY_FILESYSTEM_ONLY, FLT_FILE_NAME_SHORT, FLTFL_FILE_NAME_PARSED_EXTENSION,
             FLTFL_FILE_NAME_PARSED_FINAL_COMPONENT, FLTFL_FILE_NAME_PARSED_PARENT_DIR, FLTFL_FILE_NAME_PARSED_STREAM,
-            PFLT_FILTER,
+            PFLT_FILTER, PFLT_INSTANCE,
         },
         System::SystemServices::IRP_PAGING_IO,
     },
     Win32::Foundation::{
-        NTSTATUS, STATUS_FLT_INVALID_NAME_REQUEST, STATUS_FLT_NAME_CACHE_MISS, STATUS_INVALID_PARAMETER,
-        STATUS_SUCCESS, UNICODE_STRING,
+        HANDLE, NTSTATUS, STATUS_FLT_INVALID_NAME_REQUEST, STATUS_FLT_NAME_CACHE_MISS, STATUS_INVALID_PARAMETER,
+        STATUS_NOT_IMPLEMENTED, STATUS_SUCCESS, UNICODE_STRING,
     },
+    core::PCWSTR,
 };
 
 use super::instance::instances;
 use crate::{
     guard::guarded,
-    io::{fs, iomgr},
+    io::{fs, info, iomgr},
     kernel::{irql, thread},
     verifier::{self, Rule},
 };
@@ -71,6 +73,27 @@ fn string(buffer: &mut [u16], start: usize, length: usize) -> UNICODE_STRING {
 
 fn empty() -> UNICODE_STRING {
     UNICODE_STRING { Length: 0, MaximumLength: 0, Buffer: std::ptr::null_mut() }
+}
+
+/// A new name information block for `within` on the volume `device_name`, with one reference, tracked for
+/// `filter`'s leak check.
+fn issue(device_name: &str, within: &str, format: u32, filter: PFLT_FILTER) -> *mut FLT_FILE_NAME_INFORMATION {
+    let full = format!("{device_name}{within}");
+    let volume_units = device_name.encode_utf16().count();
+    let mut block = Box::new(Block {
+        // SAFETY: FLT_FILE_NAME_INFORMATION is a plain C struct for which all-zero is valid.
+        info: unsafe { std::mem::zeroed() },
+        buffer: full.encode_utf16().collect(),
+    });
+    let total = block.buffer.len();
+    block.info.Size = u16::try_from(size_of::<FLT_FILE_NAME_INFORMATION>()).unwrap_or(u16::MAX);
+    block.info.Format = format;
+    block.info.Name = string(&mut block.buffer, 0, total);
+    block.info.Volume = string(&mut block.buffer, 0, volume_units);
+    let pointer = Box::into_raw(block);
+    names().insert(pointer as usize, Tracked { references: 1, filter });
+    // The block starts with the structure (repr(C), first field).
+    pointer.cast()
 }
 
 /// `FltGetFileNameInformation`.
@@ -157,23 +180,9 @@ pub unsafe extern "system" fn FltGetFileNameInformation(
                 }
             }
         };
-        let full = format!("{}{within}", file.volume.device_name);
-        let volume_units = file.volume.device_name.encode_utf16().count();
-        let mut block = Box::new(Block {
-            // SAFETY: FLT_FILE_NAME_INFORMATION is a plain C struct for which all-zero is valid.
-            info: unsafe { std::mem::zeroed() },
-            buffer: full.encode_utf16().collect(),
-        });
-        let total = block.buffer.len();
-        block.info.Size = u16::try_from(size_of::<FLT_FILE_NAME_INFORMATION>()).unwrap_or(u16::MAX);
-        block.info.Format = format;
-        block.info.Name = string(&mut block.buffer, 0, total);
-        block.info.Volume = string(&mut block.buffer, 0, volume_units);
         let filter = instances().into_iter().find(|i| i.handle == iopb.TargetInstance).map_or(0, |i| i.filter);
-        let pointer = Box::into_raw(block);
-        names().insert(pointer as usize, Tracked { references: 1, filter });
-        // SAFETY: checked non-NULL; the block starts with the structure (repr(C), first field).
-        unsafe { file_name_information.write(pointer.cast()) };
+        // SAFETY: checked non-NULL above.
+        unsafe { file_name_information.write(issue(&file.volume.device_name, &within, format, filter)) };
         STATUS_SUCCESS
     })
 }
@@ -282,4 +291,108 @@ pub(crate) fn report_leaks(filter: PFLT_FILTER, after: &str) {
             format!("{count} name information blocks never released after {after}"),
         );
     }
+}
+
+const FLTGETDESTINATIONFILENAMEINFORMATION: &str = "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltgetdestinationfilenameinformation";
+
+/// `FltGetDestinationFileNameInformation`: ≤ APC_LEVEL; an attached instance; an open file object; `NameOptions`
+/// with the normalized or opened format (short: `STATUS_FLT_INVALID_NAME_REQUEST`, as documented) and one query
+/// method; a place for the result. With a top-level IRP set the file system cannot be queried
+/// (`STATUS_FLT_INVALID_NAME_REQUEST`); `QUERY_CACHE_ONLY` misses (no name cache). The destination is `FileName` in
+/// the file's directory, or a full name (`\??\C:\...`) on the file's volume: another volume answers
+/// `STATUS_NOT_SAME_DEVICE`, as the rename itself would (the model's choice; the page names
+/// `STATUS_MOUNT_POINT_NOT_RESOLVED` for a mount point to another volume). A normalized name expands the parent's short
+/// names and uses its stored case; the final component is kept as given. A `RootDirectory` handle is not modelled
+/// (reported). The block is released like any name information.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltgetdestinationfilenameinformation>.
+///
+/// # Safety
+/// Called by driver code: `FileName` holds `FileNameLength` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltGetDestinationFileNameInformation(
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    root_directory: HANDLE,
+    file_name: PCWSTR,
+    file_name_length: u32,
+    name_options: u32,
+    ret_file_name_information: *mut *mut FLT_FILE_NAME_INFORMATION,
+) -> NTSTATUS {
+    const API: &str = "FltGetDestinationFileNameInformation";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        if !thread::require_irql_at_most(API, irql::APC, FLTGETDESTINATIONFILENAMEINFORMATION) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        let format = name_options & 0xFF;
+        let method = name_options & 0xFF00;
+        let known_method = [
+            FLT_FILE_NAME_QUERY_DEFAULT,
+            FLT_FILE_NAME_QUERY_CACHE_ONLY,
+            FLT_FILE_NAME_QUERY_FILESYSTEM_ONLY,
+            FLT_FILE_NAME_QUERY_ALWAYS_ALLOW_CACHE_LOOKUP,
+        ]
+        .contains(&method);
+        if format == FLT_FILE_NAME_SHORT {
+            return STATUS_FLT_INVALID_NAME_REQUEST;
+        }
+        let known_format = [FLT_FILE_NAME_NORMALIZED, FLT_FILE_NAME_OPENED].contains(&format);
+        let odd = !file_name_length.is_multiple_of(2) || (file_name.is_null() && file_name_length != 0);
+        if ret_file_name_information.is_null() || !known_method || !known_format || odd {
+            verifier::report(
+                Rule::InvalidArgument,
+                API,
+                format!(
+                    "NameOptions {name_options:#x} must name one format (normalized or opened) and one query method, \
+                     with an even-length FileName and a place for the result"
+                ),
+            );
+            return STATUS_INVALID_PARAMETER;
+        }
+        let Some(filter) = instances().into_iter().find(|i| i.handle == instance).map(|i| i.filter) else {
+            verifier::report(Rule::InvalidArgument, API, format!("{instance:#x} is not an attached instance"));
+            return STATUS_INVALID_PARAMETER;
+        };
+        let Some(file) = iomgr::describe(file_object) else {
+            verifier::report(Rule::InvalidArgument, API, format!("{file_object:?} is not an open file object"));
+            return STATUS_INVALID_PARAMETER;
+        };
+        if !root_directory.is_null() {
+            verifier::report(Rule::UnsupportedByModel, API, "a RootDirectory handle is not modelled yet");
+            return STATUS_NOT_IMPLEMENTED;
+        }
+        if thread::snapshot().top_level_irp != 0 {
+            return STATUS_FLT_INVALID_NAME_REQUEST;
+        }
+        if method == FLT_FILE_NAME_QUERY_CACHE_ONLY {
+            return STATUS_FLT_NAME_CACHE_MISS;
+        }
+        let units = usize::try_from(file_name_length / 2).unwrap_or(0);
+        let name = if units == 0 {
+            String::new()
+        } else {
+            // SAFETY: the driver's name holds `FileNameLength` bytes (checked even and non-NULL above).
+            String::from_utf16_lossy(unsafe { std::slice::from_raw_parts(file_name, units) })
+        };
+        let within = match info::target_name(&file.volume, &file.file_name, &name) {
+            Ok(within) => within,
+            Err(status) => return status,
+        };
+        let within = if format == FLT_FILE_NAME_NORMALIZED {
+            let (parent, last) = within.rsplit_once('\\').unwrap_or(("", within.as_str()));
+            let parent = if parent.is_empty() {
+                String::new()
+            } else {
+                match fs::normalize_path(&file.volume, parent, false) {
+                    Ok(parent) => parent,
+                    Err(status) => return status,
+                }
+            };
+            format!("{parent}\\{last}")
+        } else {
+            within
+        };
+        // SAFETY: checked non-NULL above.
+        unsafe { ret_file_name_information.write(issue(&file.volume.device_name, &within, format, filter)) };
+        STATUS_SUCCESS
+    })
 }

@@ -121,8 +121,8 @@ pub(crate) fn query(
 }
 
 /// Resolves the target name of a rename or link: a full object name (`\??\C:\dir\new`) on the same volume, or a
-/// bare name in the open's directory.
-fn target_name(volume: &Volume, current: &str, name: &str) -> Result<String, NTSTATUS> {
+/// bare name in the open's directory. Another volume answers `STATUS_NOT_SAME_DEVICE`.
+pub(crate) fn target_name(volume: &Volume, current: &str, name: &str) -> Result<String, NTSTATUS> {
     if name.starts_with('\\') {
         let (target_volume, within) = crate::fltmgr::fileio::resolve_object_name(name)?;
         if target_volume.handle != volume.handle {

@@ -6,10 +6,7 @@
 use std::{
     ffi::c_void,
     ptr::null_mut,
-    sync::{
-        Mutex, PoisonError,
-        atomic::{AtomicIsize, Ordering},
-    },
+    sync::{Mutex, PoisonError, atomic::AtomicIsize},
 };
 
 use windows_sys::{
@@ -18,14 +15,13 @@ use windows_sys::{
         Storage::FileSystem::Minifilters::{
             FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_POSTOP_CALLBACK_STATUS, FLT_POSTOP_FINISHED_PROCESSING,
             FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_SUCCESS_WITH_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
-            FltAllocateCallbackData, FltFreeCallbackData, FltPerformSynchronousIo, FltRegisterFilter,
-            FltStartFiltering, FltUnregisterFilter, PFLT_FILTER, PFLT_INSTANCE,
+            FltAllocateCallbackData, FltFreeCallbackData, FltPerformSynchronousIo, PFLT_INSTANCE,
         },
     },
     Win32::Foundation::{NTSTATUS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, UNICODE_STRING},
 };
 
-use super::{END, Table, operation, registration};
+use super::build::{END, Table, operation, register_and_start, registration, unregister};
 use crate::{
     LoadError, LoadedDriver,
     io::mm::FSRTL_CACHE_TOP_LEVEL_IRP,
@@ -87,20 +83,12 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> =
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
 unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    let mut filter: PFLT_FILTER = 0;
-    // SAFETY: the loader's driver object and a static table.
-    let status = unsafe { FltRegisterFilter(driver, &raw const REGISTRATION.0, &raw mut filter) };
-    if status < 0 {
-        return status;
-    }
-    FILTER.store(filter, Ordering::SeqCst);
-    // SAFETY: a registered filter.
-    unsafe { FltStartFiltering(filter) }
+    // SAFETY: the loader's driver object.
+    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
 }
 
 unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    // SAFETY: the registered filter.
-    unsafe { FltUnregisterFilter(FILTER.load(Ordering::SeqCst)) };
+    unregister(&FILTER);
     STATUS_SUCCESS
 }
 

@@ -1,18 +1,15 @@
 //! A second test minifilter that exercises the kernel model from its own callbacks (DriverEntry and unload), correct
 //! by default and wrong on request, for the checks that are about the state a driver callback returns with.
 
-use std::{
-    ptr::null_mut,
-    sync::atomic::{AtomicIsize, AtomicU8, AtomicUsize, Ordering},
-};
+use std::sync::atomic::{AtomicIsize, AtomicU8, AtomicUsize, Ordering};
 
+use fltsim::testfilters::build::{END, Table, operation, register, registration, unregister};
 use windows_sys::{
     Wdk::{
         Foundation::{DRIVER_OBJECT, KEVENT},
         Storage::FileSystem::Minifilters::{
-            FLT_OPERATION_REGISTRATION, FLT_REGISTRATION, FLT_REGISTRATION_VERSION, FltAcquirePushLockExclusive,
-            FltAcquirePushLockShared, FltDeletePushLock, FltInitializePushLock, FltRegisterFilter, FltReleasePushLock,
-            FltStartFiltering, FltUnregisterFilter, IRP_MJ_OPERATION_END, PFLT_FILTER,
+            FLT_OPERATION_REGISTRATION, FLT_REGISTRATION, FltAcquirePushLockExclusive, FltAcquirePushLockShared,
+            FltDeletePushLock, FltInitializePushLock, FltReleasePushLock, FltStartFiltering,
         },
         System::SystemServices::{
             Executive, IoGetTopLevelIrp, IoSetTopLevelIrp, KeAreAllApcsDisabled, KeAreApcsDisabled,
@@ -62,38 +59,9 @@ fn fault() -> Fault {
     ALL[usize::from(FAULT.load(Ordering::SeqCst))]
 }
 
-struct Table<T>(T);
-// SAFETY: immutable statics of plain data and function pointers.
-unsafe impl<T> Sync for Table<T> {}
+static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 1]> = Table([operation(END, None, None)]);
 
-#[allow(clippy::cast_possible_truncation, reason = "IRP_MJ_OPERATION_END is 0x80")]
-static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 1]> = Table([FLT_OPERATION_REGISTRATION {
-    MajorFunction: IRP_MJ_OPERATION_END as u8,
-    Flags: 0,
-    PreOperation: None,
-    PostOperation: None,
-    Reserved1: null_mut(),
-}]);
-
-#[allow(clippy::cast_possible_truncation, reason = "the registration is far smaller than 64 KiB; version 0x0203")]
-static REGISTRATION: Table<FLT_REGISTRATION> = Table(FLT_REGISTRATION {
-    Size: size_of::<FLT_REGISTRATION>() as u16,
-    Version: FLT_REGISTRATION_VERSION as u16,
-    Flags: 0,
-    ContextRegistration: std::ptr::null(),
-    OperationRegistration: (&raw const OPERATIONS.0).cast(),
-    FilterUnloadCallback: Some(unload),
-    InstanceSetupCallback: None,
-    InstanceQueryTeardownCallback: None,
-    InstanceTeardownStartCallback: None,
-    InstanceTeardownCompleteCallback: None,
-    GenerateFileNameCallback: None,
-    NormalizeNameComponentCallback: None,
-    NormalizeContextCleanupCallback: None,
-    TransactionNotificationCallback: None,
-    NormalizeNameComponentExCallback: None,
-    SectionNotificationCallback: None,
-});
+static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
 /// Calls a kernel routine that takes no arguments and only changes or reads the calling thread's state.
 fn call<T>(routine: unsafe extern "system" fn() -> T) -> T {
@@ -141,13 +109,11 @@ fn use_kernel_correctly() -> bool {
 /// # Safety
 /// Called by the fltsim loader with a valid driver object.
 pub unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    let mut filter: PFLT_FILTER = 0;
-    // SAFETY: the loader's driver object and a static table.
-    let status = unsafe { FltRegisterFilter(driver, &raw const REGISTRATION.0, &raw mut filter) };
-    if status < 0 {
-        return status;
-    }
-    FILTER.store(filter, Ordering::SeqCst);
+    // SAFETY: the loader's driver object.
+    let filter = match unsafe { register(driver, &REGISTRATION, &FILTER) } {
+        Ok(filter) => filter,
+        Err(status) => return status,
+    };
     on_lock(FltInitializePushLock);
     let correct = use_kernel_correctly();
     match fault() {
@@ -168,8 +134,7 @@ unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
         // SAFETY: the push lock was initialized in DriverEntry and is not held.
         _ => unsafe { FltDeletePushLock(PUSH_LOCK.as_ptr()) },
     }
-    // SAFETY: the handle FltRegisterFilter returned.
-    unsafe { FltUnregisterFilter(FILTER.load(Ordering::SeqCst)) };
+    unregister(&FILTER);
     STATUS_SUCCESS
 }
 

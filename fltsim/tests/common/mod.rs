@@ -8,17 +8,14 @@ pub mod kernel_filter;
 
 use std::{
     ffi::c_void,
-    ptr::null_mut,
     sync::atomic::{AtomicIsize, AtomicU8, Ordering},
 };
 
+use fltsim::testfilters::build::{END, REGISTRATION_SIZE, Table, operation, register, registration, unregister};
 use windows_sys::{
     Wdk::{
         Foundation::DRIVER_OBJECT,
-        Storage::FileSystem::Minifilters::{
-            FLT_OPERATION_REGISTRATION, FLT_REGISTRATION, FLT_REGISTRATION_VERSION, FltRegisterFilter,
-            FltStartFiltering, FltUnregisterFilter, IRP_MJ_OPERATION_END, PFLT_FILTER,
-        },
+        Storage::FileSystem::Minifilters::{FLT_OPERATION_REGISTRATION, FLT_REGISTRATION, FltStartFiltering},
         System::SystemServices::{ExAllocatePool2, ExFreePoolWithTag},
     },
     Win32::Foundation::{NTSTATUS, STATUS_INSUFFICIENT_RESOURCES, STATUS_SUCCESS, UNICODE_STRING},
@@ -87,55 +84,17 @@ fn fault() -> Fault {
     all[usize::from(FAULT.load(Ordering::SeqCst))]
 }
 
-struct Table<T>(T);
-// SAFETY: immutable statics of plain data and function pointers.
-unsafe impl<T> Sync for Table<T> {}
-
-const fn operation(major: u8) -> FLT_OPERATION_REGISTRATION {
-    FLT_OPERATION_REGISTRATION {
-        MajorFunction: major,
-        Flags: 0,
-        PreOperation: None,
-        PostOperation: None,
-        Reserved1: null_mut(),
-    }
-}
-
-#[allow(clippy::cast_possible_truncation, reason = "IRP_MJ_OPERATION_END is 0x80")]
-const END: u8 = IRP_MJ_OPERATION_END as u8;
-
-static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> = Table([operation(0), operation(END)]);
+static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> =
+    Table([operation(0, None, None), operation(END, None, None)]);
 /// 256 `IRP_MJ_CREATE` entries and no terminator.
-static UNTERMINATED: Table<[FLT_OPERATION_REGISTRATION; 256]> = Table([operation(0); 256]);
+static UNTERMINATED: Table<[FLT_OPERATION_REGISTRATION; 256]> = Table([operation(0, None, None); 256]);
 
-const fn registration(operations: *const FLT_OPERATION_REGISTRATION, size: u16) -> FLT_REGISTRATION {
-    FLT_REGISTRATION {
-        Size: size,
-        #[allow(clippy::cast_possible_truncation, reason = "0x0203")]
-        Version: FLT_REGISTRATION_VERSION as u16,
-        Flags: 0,
-        ContextRegistration: std::ptr::null(),
-        OperationRegistration: operations,
-        FilterUnloadCallback: Some(unload),
-        InstanceSetupCallback: None,
-        InstanceQueryTeardownCallback: None,
-        InstanceTeardownStartCallback: None,
-        InstanceTeardownCompleteCallback: None,
-        GenerateFileNameCallback: None,
-        NormalizeNameComponentCallback: None,
-        NormalizeContextCleanupCallback: None,
-        TransactionNotificationCallback: None,
-        NormalizeNameComponentExCallback: None,
-        SectionNotificationCallback: None,
-    }
-}
-
-#[allow(clippy::cast_possible_truncation, reason = "the registration is far smaller than 64 KiB")]
-const SIZE: u16 = size_of::<FLT_REGISTRATION>() as u16;
-
-static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), SIZE));
-static WRONG_SIZE: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), SIZE - 8));
-static NO_TERMINATOR: Table<FLT_REGISTRATION> = Table(registration((&raw const UNTERMINATED.0).cast(), SIZE));
+static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
+static WRONG_SIZE: Table<FLT_REGISTRATION> = Table(FLT_REGISTRATION {
+    Size: REGISTRATION_SIZE - 8,
+    ..registration((&raw const OPERATIONS.0).cast(), Some(unload))
+});
+static NO_TERMINATOR: Table<FLT_REGISTRATION> = Table(registration((&raw const UNTERMINATED.0).cast(), Some(unload)));
 
 /// The test filter's DriverEntry.
 ///
@@ -143,17 +102,15 @@ static NO_TERMINATOR: Table<FLT_REGISTRATION> = Table(registration((&raw const U
 /// Called by the fltsim loader with a valid driver object.
 pub unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
     let table = match fault() {
-        Fault::WrongRegistrationSize => &WRONG_SIZE.0,
-        Fault::NoOperationTerminator => &NO_TERMINATOR.0,
-        _ => &REGISTRATION.0,
+        Fault::WrongRegistrationSize => &WRONG_SIZE,
+        Fault::NoOperationTerminator => &NO_TERMINATOR,
+        _ => &REGISTRATION,
     };
-    let mut filter: PFLT_FILTER = 0;
-    // SAFETY: the loader's driver object and a static table.
-    let status = unsafe { FltRegisterFilter(driver, table, &raw mut filter) };
-    if status < 0 {
-        return status;
-    }
-    FILTER.store(filter, Ordering::SeqCst);
+    // SAFETY: the loader's driver object.
+    let filter = match unsafe { register(driver, table, &FILTER) } {
+        Ok(filter) => filter,
+        Err(status) => return status,
+    };
     let tag = if fault() == Fault::ZeroTag { 0 } else { TAG };
     // SAFETY: plain values.
     let pool = unsafe { ExAllocatePool2(NON_PAGED, 64, tag) };
@@ -192,8 +149,7 @@ unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
         _ => free(pool, TAG),
     }
     if fault() != Fault::UnloadWithoutUnregister {
-        // SAFETY: the handle FltRegisterFilter returned.
-        unsafe { FltUnregisterFilter(FILTER.load(Ordering::SeqCst)) };
+        unregister(&FILTER);
     }
     STATUS_SUCCESS
 }
