@@ -4,7 +4,6 @@
 
 use std::{
     ffi::c_void,
-    ptr::null_mut,
     sync::{
         Mutex,
         atomic::{AtomicI32, AtomicIsize, AtomicU8, Ordering},
@@ -16,6 +15,7 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::{process, thread},
     scenario,
+    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
     verifier::take_reports,
 };
 use windows_sys::{
@@ -23,11 +23,10 @@ use windows_sys::{
         Foundation::DRIVER_OBJECT,
         Storage::FileSystem::Minifilters::{
             FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_PENDING,
-            FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_PREOP_SYNCHRONIZE, FLT_REGISTRATION, FLT_REGISTRATION_VERSION,
-            FLT_RELATED_OBJECTS, FltAllocateDeferredIoWorkItem, FltAllocateGenericWorkItem,
-            FltCompletePendedPreOperation, FltFreeDeferredIoWorkItem, FltFreeGenericWorkItem,
-            FltQueueDeferredIoWorkItem, FltQueueGenericWorkItem, FltRegisterFilter, FltStartFiltering,
-            FltUnregisterFilter, IRP_MJ_OPERATION_END, PFLT_DEFERRED_IO_WORKITEM, PFLT_FILTER, PFLT_GENERIC_WORKITEM,
+            FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_PREOP_SYNCHRONIZE, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
+            FltAllocateDeferredIoWorkItem, FltAllocateGenericWorkItem, FltCompletePendedPreOperation,
+            FltFreeDeferredIoWorkItem, FltFreeGenericWorkItem, FltQueueDeferredIoWorkItem, FltQueueGenericWorkItem,
+            PFLT_DEFERRED_IO_WORKITEM, PFLT_GENERIC_WORKITEM,
         },
         System::SystemServices::{DelayedWorkQueue, PsGetCurrentProcessId},
     },
@@ -110,13 +109,6 @@ unsafe extern "system" fn lower_pre_create(
     FLT_PREOP_SUCCESS_NO_CALLBACK
 }
 
-struct Table<T>(T);
-// SAFETY: immutable statics of plain data and function pointers.
-unsafe impl<T> Sync for Table<T> {}
-
-#[allow(clippy::cast_possible_truncation, reason = "IRP_MJ_OPERATION_END is 0x80")]
-const END: u8 = IRP_MJ_OPERATION_END as u8;
-
 const fn operations(
     pre: unsafe extern "system" fn(
         *mut FLT_CALLBACK_DATA,
@@ -124,87 +116,33 @@ const fn operations(
         *mut *mut c_void,
     ) -> FLT_PREOP_CALLBACK_STATUS,
 ) -> [FLT_OPERATION_REGISTRATION; 2] {
-    [
-        FLT_OPERATION_REGISTRATION {
-            MajorFunction: 0,
-            Flags: 0,
-            PreOperation: Some(pre),
-            PostOperation: None,
-            Reserved1: null_mut(),
-        },
-        FLT_OPERATION_REGISTRATION {
-            MajorFunction: END,
-            Flags: 0,
-            PreOperation: None,
-            PostOperation: None,
-            Reserved1: null_mut(),
-        },
-    ]
+    [operation(0, Some(pre), None), operation(END, None, None)]
 }
 
 static UPPER_OPS: Table<[FLT_OPERATION_REGISTRATION; 2]> = Table(operations(upper_pre_create));
 static LOWER_OPS: Table<[FLT_OPERATION_REGISTRATION; 2]> = Table(operations(lower_pre_create));
 
-#[allow(clippy::cast_possible_truncation, reason = "small constants")]
-const fn registration(
-    ops: *const FLT_OPERATION_REGISTRATION,
-    unload: unsafe extern "system" fn(u32) -> NTSTATUS,
-) -> FLT_REGISTRATION {
-    FLT_REGISTRATION {
-        Size: size_of::<FLT_REGISTRATION>() as u16,
-        Version: FLT_REGISTRATION_VERSION as u16,
-        Flags: 0,
-        ContextRegistration: std::ptr::null(),
-        OperationRegistration: ops,
-        FilterUnloadCallback: Some(unload),
-        InstanceSetupCallback: None,
-        InstanceQueryTeardownCallback: None,
-        InstanceTeardownStartCallback: None,
-        InstanceTeardownCompleteCallback: None,
-        GenerateFileNameCallback: None,
-        NormalizeNameComponentCallback: None,
-        NormalizeContextCleanupCallback: None,
-        TransactionNotificationCallback: None,
-        NormalizeNameComponentExCallback: None,
-        SectionNotificationCallback: None,
-    }
-}
-
 unsafe extern "system" fn upper_unload(_flags: u32) -> NTSTATUS {
-    // SAFETY: the registered filter.
-    unsafe { FltUnregisterFilter(UPPER.load(Ordering::SeqCst)) };
+    unregister(&UPPER);
     STATUS_SUCCESS
 }
 
 unsafe extern "system" fn lower_unload(_flags: u32) -> NTSTATUS {
-    // SAFETY: the registered filter.
-    unsafe { FltUnregisterFilter(LOWER.load(Ordering::SeqCst)) };
+    unregister(&LOWER);
     STATUS_SUCCESS
 }
 
-static UPPER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const UPPER_OPS.0).cast(), upper_unload));
-static LOWER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const LOWER_OPS.0).cast(), lower_unload));
-
-unsafe fn start(driver: *const DRIVER_OBJECT, table: &FLT_REGISTRATION, slot: &AtomicIsize) -> NTSTATUS {
-    let mut filter: PFLT_FILTER = 0;
-    // SAFETY: the loader's driver object and a static table.
-    let status = unsafe { FltRegisterFilter(driver, table, &raw mut filter) };
-    if status < 0 {
-        return status;
-    }
-    slot.store(filter, Ordering::SeqCst);
-    // SAFETY: a registered filter.
-    unsafe { FltStartFiltering(filter) }
-}
+static UPPER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const UPPER_OPS.0).cast(), Some(upper_unload)));
+static LOWER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const LOWER_OPS.0).cast(), Some(lower_unload)));
 
 unsafe extern "system" fn upper_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: as the loader calls it.
-    unsafe { start(driver, &UPPER_REG.0, &UPPER) }
+    // SAFETY: the loader's driver object.
+    unsafe { register_and_start(driver, &UPPER_REG, &UPPER) }
 }
 
 unsafe extern "system" fn lower_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: as the loader calls it.
-    unsafe { start(driver, &LOWER_REG.0, &LOWER) }
+    // SAFETY: the loader's driver object.
+    unsafe { register_and_start(driver, &LOWER_REG, &LOWER) }
 }
 
 fn setup(mode: Mode) -> (fltsim::LoadedDriver, fltsim::LoadedDriver) {

@@ -13,6 +13,7 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::thread,
     scenario,
+    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
     verifier::take_reports,
 };
 use windows_sys::{
@@ -22,8 +23,7 @@ use windows_sys::{
             FILE_OPEN, FILE_SYNCHRONOUS_IO_NONALERT,
             Minifilters::{
                 FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS,
-                FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_REGISTRATION_VERSION, FLT_RELATED_OBJECTS,
-                FltRegisterFilter, FltStartFiltering, FltUnregisterFilter, IRP_MJ_OPERATION_END, PFLT_FILTER,
+                FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
             },
         },
         System::SystemServices::{ZwClose, ZwCreateFile, ZwReadFile},
@@ -113,65 +113,18 @@ unsafe extern "system" fn pre_create(
     FLT_PREOP_SUCCESS_NO_CALLBACK
 }
 
-struct Table<T>(T);
-// SAFETY: immutable statics of plain data and function pointers.
-unsafe impl<T> Sync for Table<T> {}
+static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> =
+    Table([operation(0, Some(pre_create), None), operation(END, None, None)]);
 
-#[allow(clippy::cast_possible_truncation, reason = "small constants")]
-const END: u8 = IRP_MJ_OPERATION_END as u8;
-
-static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> = Table([
-    FLT_OPERATION_REGISTRATION {
-        MajorFunction: 0,
-        Flags: 0,
-        PreOperation: Some(pre_create),
-        PostOperation: None,
-        Reserved1: null_mut(),
-    },
-    FLT_OPERATION_REGISTRATION {
-        MajorFunction: END,
-        Flags: 0,
-        PreOperation: None,
-        PostOperation: None,
-        Reserved1: null_mut(),
-    },
-]);
-
-#[allow(clippy::cast_possible_truncation, reason = "small constants")]
-static REGISTRATION: Table<FLT_REGISTRATION> = Table(FLT_REGISTRATION {
-    Size: size_of::<FLT_REGISTRATION>() as u16,
-    Version: FLT_REGISTRATION_VERSION as u16,
-    Flags: 0,
-    ContextRegistration: std::ptr::null(),
-    OperationRegistration: (&raw const OPERATIONS.0).cast(),
-    FilterUnloadCallback: Some(unload),
-    InstanceSetupCallback: None,
-    InstanceQueryTeardownCallback: None,
-    InstanceTeardownStartCallback: None,
-    InstanceTeardownCompleteCallback: None,
-    GenerateFileNameCallback: None,
-    NormalizeNameComponentCallback: None,
-    NormalizeContextCleanupCallback: None,
-    TransactionNotificationCallback: None,
-    NormalizeNameComponentExCallback: None,
-    SectionNotificationCallback: None,
-});
+static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
 unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    let mut filter: PFLT_FILTER = 0;
-    // SAFETY: the loader's driver object and a static table.
-    let status = unsafe { FltRegisterFilter(driver, &raw const REGISTRATION.0, &raw mut filter) };
-    if status < 0 {
-        return status;
-    }
-    FILTER.store(filter, Ordering::SeqCst);
-    // SAFETY: a registered filter.
-    unsafe { FltStartFiltering(filter) }
+    // SAFETY: the loader's driver object.
+    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
 }
 
 unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    // SAFETY: the registered filter.
-    unsafe { FltUnregisterFilter(FILTER.load(Ordering::SeqCst)) };
+    unregister(&FILTER);
     STATUS_SUCCESS
 }
 
