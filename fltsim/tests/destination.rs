@@ -38,19 +38,28 @@ use windows_sys::{
 static FILTER: AtomicIsize = AtomicIsize::new(0);
 /// A destination name, or why there is none.
 type Name = Result<String, NTSTATUS>;
-/// What the filter learnt per rename or link: (normalized, opened, status with the short format).
-static SEEN: Mutex<Vec<(Name, Name, NTSTATUS)>> = Mutex::new(Vec::new());
+/// What the filter learnt per rename or link: (normalized, opened, status with the short format, status for a name
+/// on another volume).
+static SEEN: Mutex<Vec<(Name, Name, NTSTATUS, NTSTATUS)>> = Mutex::new(Vec::new());
 
 fn destination(objects: &FLT_RELATED_OBJECTS, rename: &FILE_RENAME_INFORMATION, options: u32) -> Name {
+    // SAFETY: the buffer's name is FileNameLength bytes long.
+    let name = unsafe {
+        std::slice::from_raw_parts(rename.FileName.as_ptr(), usize::try_from(rename.FileNameLength / 2).unwrap_or(0))
+    };
+    destination_of(objects, name, options)
+}
+
+fn destination_of(objects: &FLT_RELATED_OBJECTS, name: &[u16], options: u32) -> Name {
     let mut info: *mut FLT_FILE_NAME_INFORMATION = null_mut();
     // SAFETY: the operation's instance and file object; the name is the buffer's, FileNameLength bytes long.
     let status = unsafe {
         FltGetDestinationFileNameInformation(
             objects.Instance,
             objects.FileObject,
-            rename.RootDirectory,
-            rename.FileName.as_ptr(),
-            rename.FileNameLength,
+            null_mut(),
+            name.as_ptr(),
+            u32::try_from(name.len() * 2).unwrap_or(0),
             options,
             &raw mut info,
         )
@@ -89,7 +98,10 @@ unsafe extern "system" fn pre_set_information(
     let normalized = destination(objects, rename, FLT_FILE_NAME_NORMALIZED | FLT_FILE_NAME_QUERY_DEFAULT);
     let opened = destination(objects, rename, FLT_FILE_NAME_OPENED | FLT_FILE_NAME_QUERY_DEFAULT);
     let short = destination(objects, rename, FLT_FILE_NAME_SHORT | FLT_FILE_NAME_QUERY_DEFAULT).err().unwrap_or(0);
-    SEEN.lock().expect("seen").push((normalized, opened, short));
+    let elsewhere: Vec<u16> = r"\??\D:\x.txt".encode_utf16().collect();
+    let across =
+        destination_of(objects, &elsewhere, FLT_FILE_NAME_NORMALIZED | FLT_FILE_NAME_QUERY_DEFAULT).err().unwrap_or(0);
+    SEEN.lock().expect("seen").push((normalized, opened, short, across));
     FLT_PREOP_SUCCESS_NO_CALLBACK
 }
 
@@ -110,7 +122,8 @@ unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
 scenario! {
     /// A bare name lands in the file's directory, a full name where it says; the normalized form expands the
     /// parent's short name and takes its stored case, the opened form keeps the caller's spelling; the short format
-    /// is refused as documented; a destination on another volume fails as the rename does.
+    /// is refused as documented; a destination on another volume fails as the rename does (whose target-directory
+    /// open fails before the filter sees the set).
     fn destination_names_follow_the_format_and_the_target() {
         let root = std::env::temp_dir().join(format!("fltsim-destination-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -147,13 +160,14 @@ scenario! {
                     Ok(format!(r"{volume}\LongDirectory\renamed.txt")),
                     Ok(format!(r"{volume}\LONGDI~1\renamed.txt")),
                     STATUS_FLT_INVALID_NAME_REQUEST,
+                    STATUS_NOT_SAME_DEVICE,
                 ),
                 (
                     Ok(format!(r"{volume}\LongDirectory\link.txt")),
                     Ok(format!(r"{volume}\longdirectory\link.txt")),
                     STATUS_FLT_INVALID_NAME_REQUEST,
+                    STATUS_NOT_SAME_DEVICE,
                 ),
-                (Err(STATUS_NOT_SAME_DEVICE), Err(STATUS_NOT_SAME_DEVICE), STATUS_FLT_INVALID_NAME_REQUEST),
             ]
         );
         let rules: Vec<Rule> = take_reports().into_iter().map(|r| r.rule).collect();

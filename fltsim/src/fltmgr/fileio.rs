@@ -256,6 +256,7 @@ pub unsafe extern "system" fn FltCreateFileEx2(
             case_sensitive: false,
             kernel_mode: true,
             force_access_check: flags & IO_FORCE_ACCESS_CHECK != 0,
+            open_target_directory: false,
         };
         let origin = Origin { initiator: Some(filter), below: (instance != 0).then_some(instance) };
         let references = if file_object.is_null() { 1 } else { 2 };

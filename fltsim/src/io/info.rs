@@ -181,21 +181,7 @@ pub(crate) fn set(
             fs::set_delete_disposition(open, delete != 0)
         }
         FileRenameInformation | FileLinkInformation => {
-            let header = std::mem::offset_of!(FILE_RENAME_INFORMATION, FileName);
-            let replace = *bytes.first().ok_or(STATUS_INFO_LENGTH_MISMATCH)? != 0;
-            let length_at = std::mem::offset_of!(FILE_RENAME_INFORMATION, FileNameLength);
-            let length_bytes: [u8; 4] = bytes
-                .get(length_at..length_at + 4)
-                .and_then(|b| b.try_into().ok())
-                .ok_or(STATUS_INFO_LENGTH_MISMATCH)?;
-            let name_length =
-                usize::try_from(u32::from_le_bytes(length_bytes)).map_err(|_| STATUS_INVALID_PARAMETER)?;
-            let name_bytes = bytes.get(header..header + name_length).ok_or(STATUS_INFO_LENGTH_MISMATCH)?;
-            if name_length % 2 != 0 {
-                return Err(STATUS_INVALID_PARAMETER);
-            }
-            let units: Vec<u16> = name_bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-            let name = String::from_utf16_lossy(&units);
+            let (replace, name) = link_or_rename_target(bytes)?;
             let current = fs::name(open)?;
             let target = target_name(volume, &current, &name)?;
             if class == FileRenameInformation {
@@ -206,6 +192,26 @@ pub(crate) fn set(
         }
         _ => Err(STATUS_INVALID_INFO_CLASS),
     }
+}
+
+/// The `ReplaceIfExists` flag and the target name of a `FILE_RENAME_INFORMATION` / `FILE_LINK_INFORMATION` buffer.
+///
+/// # Errors
+/// `STATUS_INFO_LENGTH_MISMATCH` for a buffer shorter than its header and name; `STATUS_INVALID_PARAMETER` for an
+/// odd name length.
+pub(crate) fn link_or_rename_target(bytes: &[u8]) -> Result<(bool, String), NTSTATUS> {
+    let header = std::mem::offset_of!(FILE_RENAME_INFORMATION, FileName);
+    let replace = *bytes.first().ok_or(STATUS_INFO_LENGTH_MISMATCH)? != 0;
+    let length_at = std::mem::offset_of!(FILE_RENAME_INFORMATION, FileNameLength);
+    let length_bytes: [u8; 4] =
+        bytes.get(length_at..length_at + 4).and_then(|b| b.try_into().ok()).ok_or(STATUS_INFO_LENGTH_MISMATCH)?;
+    let name_length = usize::try_from(u32::from_le_bytes(length_bytes)).map_err(|_| STATUS_INVALID_PARAMETER)?;
+    let name_bytes = bytes.get(header..header + name_length).ok_or(STATUS_INFO_LENGTH_MISMATCH)?;
+    if name_length % 2 != 0 {
+        return Err(STATUS_INVALID_PARAMETER);
+    }
+    let units: Vec<u16> = name_bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+    Ok((replace, String::from_utf16_lossy(&units)))
 }
 
 /// A `FILE_RENAME_INFORMATION` / `FILE_LINK_INFORMATION` buffer naming `name`.

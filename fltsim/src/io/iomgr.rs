@@ -15,20 +15,25 @@ use std::{
 use windows_sys::{
     Wdk::{
         Foundation::{ACCESS_STATE, FILE_OBJECT, IO_SECURITY_CONTEXT, SECTION_OBJECT_POINTERS},
-        Storage::FileSystem::{FILE_SYNCHRONOUS_IO_ALERT, FILE_SYNCHRONOUS_IO_NONALERT},
+        Storage::FileSystem::{
+            FILE_OPEN_BY_FILE_ID, FILE_SYNCHRONOUS_IO_ALERT, FILE_SYNCHRONOUS_IO_NONALERT, FileLinkInformation,
+            FileRenameInformation,
+        },
         System::SystemServices::{
             FO_FILE_OPEN_CANCELLED, FO_SYNCHRONOUS_IO, IO_REPARSE, IRP_MJ_CLEANUP, IRP_MJ_CLOSE, IRP_MJ_FLUSH_BUFFERS,
             IRP_MJ_LOCK_CONTROL, IRP_MJ_QUERY_INFORMATION, IRP_MJ_READ, IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE,
-            IRP_MN_LOCK, IRP_MN_UNLOCK_SINGLE, IRP_NOCACHE, IRP_PAGING_IO, SL_CASE_SENSITIVE,
+            IRP_MN_LOCK, IRP_MN_UNLOCK_SINGLE, IRP_NOCACHE, IRP_PAGING_IO, SL_CASE_SENSITIVE, SL_OPEN_TARGET_DIRECTORY,
         },
     },
     Win32::{
         Foundation::{
             NTSTATUS, STATUS_ACCESS_DENIED, STATUS_FILE_LOCK_CONFLICT, STATUS_INVALID_PARAMETER,
-            STATUS_MOUNT_POINT_NOT_RESOLVED, STATUS_OBJECT_PATH_NOT_FOUND, STATUS_REPARSE,
+            STATUS_MOUNT_POINT_NOT_RESOLVED, STATUS_NOT_SAME_DEVICE, STATUS_OBJECT_PATH_NOT_FOUND, STATUS_REPARSE,
             STATUS_REPARSE_POINT_NOT_RESOLVED, STATUS_SUCCESS, UNICODE_STRING,
         },
-        Storage::FileSystem::{FILE_APPEND_DATA, FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA},
+        Storage::FileSystem::{
+            FILE_APPEND_DATA, FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA, SYNCHRONIZE,
+        },
     },
 };
 
@@ -41,6 +46,10 @@ use crate::fltmgr::dispatch::{IRP_MJ_CREATE, Origin, Request, dispatch};
 
 /// What a program asks for when it opens a file (`NtCreateFile`'s parameters).
 #[derive(Clone, Copy, Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one flag per create option or mode the model honours, as in NtCreateFile"
+)]
 pub struct OpenParams {
     /// The access mask.
     pub desired_access: u32,
@@ -59,6 +68,9 @@ pub struct OpenParams {
     /// For a kernel-mode request: check access anyway (`IO_FORCE_ACCESS_CHECK`). User-mode requests are always
     /// checked.
     pub force_access_check: bool,
+    /// Open the directory that would hold the named file (`SL_OPEN_TARGET_DIRECTORY`), as the I/O manager does
+    /// before a rename or link to a full name.
+    pub open_target_directory: bool,
 }
 
 impl Default for OpenParams {
@@ -73,6 +85,7 @@ impl Default for OpenParams {
             case_sensitive: false,
             kernel_mode: false,
             force_access_check: false,
+            open_target_directory: false,
         }
     }
 }
@@ -196,6 +209,29 @@ fn new_file_object(name: &str, synchronous: bool) -> Box<FileObjectBox> {
         boxed.object.Flags |= FO_SYNCHRONOUS_IO;
     }
     boxed
+}
+
+/// The file ID an open by ID names: its file object's name is the ID's eight bytes, little-endian.
+fn file_id_of(name: &[u16]) -> Result<u64, NTSTATUS> {
+    match name {
+        &[a, b, c, d] => Ok(u64::from(a) | u64::from(b) << 16 | u64::from(c) << 32 | u64::from(d) << 48),
+        _ => Err(STATUS_INVALID_PARAMETER),
+    }
+}
+
+/// Opens the file with ID `file_id` on the volume of `drive` (`C:`) as a program would (`NtCreateFile` with
+/// `FILE_OPEN_BY_FILE_ID`): the file object's name is the ID's eight bytes, which is what filters see in
+/// pre-create; after the open, name queries answer the file's name.
+///
+/// # Errors
+/// `STATUS_OBJECT_PATH_NOT_FOUND` for an unknown drive; otherwise the final status of the create.
+pub fn create_by_file_id(drive: &str, file_id: u64, params: &OpenParams) -> Result<Handle, NTSTATUS> {
+    let (volume, _) = split_drive(drive)?;
+    let units = file_id.to_le_bytes().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<_>>();
+    // The name travels as a string until the file object is built; IDs whose units are surrogates cannot.
+    let name = char::decode_utf16(units).collect::<Result<String, _>>().map_err(|_| STATUS_INVALID_PARAMETER)?;
+    let params = OpenParams { options: params.options | FILE_OPEN_BY_FILE_ID, ..*params };
+    create_on(&volume, &name, &params, Origin::default(), 1)
 }
 
 /// Opens `path` as a program would (`NtCreateFile`), through the filters of its volume.
@@ -430,6 +466,41 @@ fn check_failed_create(created: Option<fs::Created>, status: NTSTATUS, object_ad
     }
 }
 
+/// The security context of a create: the access state and `IO_SECURITY_CONTEXT` its parameters point at, boxed so
+/// they stay put while the create is in flight.
+struct CreateSecurity {
+    _access_state: Box<ACCESS_STATE>,
+    _context: Box<IO_SECURITY_CONTEXT>,
+}
+
+/// The `IRP_MJ_CREATE` request for `params` on `object`, as the I/O manager builds it, with the security context it
+/// points at (keep it alive until the create completes).
+fn create_request(object: &mut FILE_OBJECT, params: &OpenParams, origin: Origin) -> (Request, CreateSecurity) {
+    // SAFETY: ACCESS_STATE is a plain C struct for which all-zero is valid.
+    let mut access_state: Box<ACCESS_STATE> = Box::new(unsafe { std::mem::zeroed() });
+    access_state.OriginalDesiredAccess = params.desired_access;
+    access_state.RemainingDesiredAccess = params.desired_access;
+    let mut context = Box::new(IO_SECURITY_CONTEXT {
+        SecurityQos: std::ptr::null_mut(),
+        AccessState: &raw mut *access_state,
+        DesiredAccess: params.desired_access,
+        FullCreateOptions: params.options,
+    });
+    let mut request = Request::new(IRP_MJ_CREATE, object, params.kernel_mode).from_origin(origin);
+    let iopb = request.iopb();
+    if params.case_sensitive {
+        iopb.OperationFlags |= u8::try_from(SL_CASE_SENSITIVE).unwrap_or(0);
+    }
+    if params.open_target_directory {
+        iopb.OperationFlags |= u8::try_from(SL_OPEN_TARGET_DIRECTORY).unwrap_or(0);
+    }
+    iopb.Parameters.Create.SecurityContext = &raw mut *context;
+    iopb.Parameters.Create.Options = (params.disposition << 24) | (params.options & 0x00FF_FFFF);
+    iopb.Parameters.Create.ShareAccess = u16::try_from(params.share_access).unwrap_or(0);
+    iopb.Parameters.Create.FileAttributes = u16::try_from(params.file_attributes).unwrap_or(0);
+    (request, CreateSecurity { _access_state: access_state, _context: context })
+}
+
 fn create_once(
     volume: &Volume,
     within: &str,
@@ -441,27 +512,7 @@ fn create_once(
     let within = within.to_owned();
     let synchronous = params.options & (FILE_SYNCHRONOUS_IO_ALERT | FILE_SYNCHRONOUS_IO_NONALERT) != 0;
     let mut file_object = new_file_object(&within, synchronous);
-    // SAFETY: ACCESS_STATE is a plain C struct for which all-zero is valid.
-    let mut access_state: Box<ACCESS_STATE> = Box::new(unsafe { std::mem::zeroed() });
-    access_state.OriginalDesiredAccess = params.desired_access;
-    access_state.RemainingDesiredAccess = params.desired_access;
-    let mut security = Box::new(IO_SECURITY_CONTEXT {
-        SecurityQos: std::ptr::null_mut(),
-        AccessState: &raw mut *access_state,
-        DesiredAccess: params.desired_access,
-        FullCreateOptions: params.options,
-    });
-    let mut request = Request::new(IRP_MJ_CREATE, &raw mut file_object.object, params.kernel_mode).from_origin(origin);
-    {
-        let iopb = request.iopb();
-        if params.case_sensitive {
-            iopb.OperationFlags |= u8::try_from(SL_CASE_SENSITIVE).unwrap_or(0);
-        }
-        iopb.Parameters.Create.SecurityContext = &raw mut *security;
-        iopb.Parameters.Create.Options = (params.disposition << 24) | (params.options & 0x00FF_FFFF);
-        iopb.Parameters.Create.ShareAccess = u16::try_from(params.share_access).unwrap_or(0);
-        iopb.Parameters.Create.FileAttributes = u16::try_from(params.file_attributes).unwrap_or(0);
-    }
+    let (mut request, _security) = create_request(&mut file_object.object, params, origin);
     let mut created = None;
     let mut reparse_to: Option<String> = None;
     let identity = access_identity(params);
@@ -480,10 +531,15 @@ fn create_once(
             share_access: u32::from(create.ShareAccess),
             file_attributes: u32::from(create.FileAttributes),
             case_sensitive: u32::from(iopb.OperationFlags) & SL_CASE_SENSITIVE != 0,
+            open_target_directory: u32::from(iopb.OperationFlags) & SL_OPEN_TARGET_DIRECTORY != 0,
             check_access_for: identity,
-            ..CreateParams::default()
         };
-        match fs::create_ex(&volume, &within, &fs_params) {
+        let outcome = if fs_params.options & FILE_OPEN_BY_FILE_ID == 0 {
+            fs::create_ex(&volume, &within, &fs_params)
+        } else {
+            file_id_of(&file_object.name).and_then(|id| fs::create_by_file_id_ex(&volume, id, &fs_params))
+        };
+        match outcome {
             Ok(fs::CreateOutcome::Opened(done)) => {
                 attach_stream(&mut file_object.object, done.stream);
                 request.complete(STATUS_SUCCESS, done.information);
@@ -898,6 +954,7 @@ pub(crate) fn set_from(
     kernel_mode: bool,
 ) -> Result<(), NTSTATUS> {
     let t = target(handle)?;
+    let parent = open_link_or_rename_target(&t, class, data, origin, kernel_mode)?;
     let mut buffer = data.to_vec();
     let mut request = Request::new(major(IRP_MJ_SET_INFORMATION), t.file_object, kernel_mode).from_origin(origin);
     {
@@ -905,6 +962,9 @@ pub(crate) fn set_from(
         iopb.Parameters.SetFileInformation.Length = u32::try_from(data.len()).map_err(|_| STATUS_INVALID_PARAMETER)?;
         iopb.Parameters.SetFileInformation.FileInformationClass = class;
         iopb.Parameters.SetFileInformation.InfoBuffer = buffer.as_mut_ptr().cast();
+        if let Some(parent) = &parent {
+            iopb.Parameters.SetFileInformation.ParentOfTarget = file_object_and_volume(parent)?.0;
+        }
     }
     dispatch(t.volume.handle, &mut request, |request| {
         // SAFETY: the union holds the SetFileInformation parameters for IRP_MJ_SET_INFORMATION.
@@ -915,8 +975,45 @@ pub(crate) fn set_from(
             Err(status) => request.complete(status, 0),
         }
     });
+    if let Some(parent) = parent {
+        close(parent);
+    }
     let status = request.status();
     if status < 0 { Err(status) } else { Ok(()) }
+}
+
+/// Before a rename or link to a full name, the I/O manager opens the directory that will hold the target
+/// (`SL_OPEN_TARGET_DIRECTORY`, through the filters, with write access checked for a user-mode caller) and hands
+/// it to the file system as `ParentOfTarget`; a target on another volume fails with `STATUS_NOT_SAME_DEVICE`
+/// first. A bare name (the same directory) needs no such open.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ifs/irp-mj-create> (`SL_OPEN_TARGET_DIRECTORY`).
+fn open_link_or_rename_target(
+    t: &Target,
+    class: i32,
+    data: &[u8],
+    origin: Origin,
+    kernel_mode: bool,
+) -> Result<Option<Handle>, NTSTATUS> {
+    if class != FileRenameInformation && class != FileLinkInformation {
+        return Ok(None);
+    }
+    let (_, name) = super::info::link_or_rename_target(data)?;
+    if !name.starts_with('\\') {
+        return Ok(None);
+    }
+    let (volume, within) = crate::fltmgr::fileio::resolve_object_name(&name)?;
+    if volume.handle != t.volume.handle {
+        return Err(STATUS_NOT_SAME_DEVICE);
+    }
+    let params = OpenParams {
+        desired_access: FILE_WRITE_DATA | SYNCHRONIZE,
+        share_access: FILE_SHARE_READ | FILE_SHARE_WRITE,
+        kernel_mode: true,
+        force_access_check: !kernel_mode,
+        open_target_directory: true,
+        ..OpenParams::default()
+    };
+    create_on(&volume, &within, &params, origin, 1).map(Some)
 }
 
 /// The file object and volume behind `handle`.

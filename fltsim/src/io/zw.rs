@@ -133,6 +133,7 @@ pub unsafe extern "system" fn ZwCreateFile(
             case_sensitive: false,
             kernel_mode: true,
             force_access_check: force,
+            open_target_directory: false,
         };
         // From the top of the stack, with the calling filter (if any) as the initiator.
         let initiator = current_filter();
