@@ -494,7 +494,13 @@ fn pre_status(
             );
             PreDecision::Continue
         }
-        FLT_PREOP_SUCCESS_NO_CALLBACK | FLT_PREOP_DISALLOW_FSFILTER_IO => PreDecision::Continue,
+        FLT_PREOP_DISALLOW_FSFILTER_IO => {
+            // The fast query-open is refused: it fails, and the I/O manager takes the slow path (a full create).
+            // See <https://learn.microsoft.com/windows-hardware/drivers/ifs/flt-parameters-for-irp-mj-query-open>.
+            request.complete(windows_sys::Win32::Foundation::STATUS_FLT_DISALLOW_FSFILTER_IO, 0);
+            PreDecision::Completed
+        }
+        FLT_PREOP_SUCCESS_NO_CALLBACK => PreDecision::Continue,
         other => {
             verifier::report(Rule::InvalidPreOpStatus, PRE, format!("returned {other}, not an FLT_PREOP_* value"));
             PreDecision::Continue
@@ -519,7 +525,9 @@ fn call_post(request: &mut Request, pending: &PendingPost, file_object: *const F
     });
     match status {
         FLT_POSTOP_FINISHED_PROCESSING => {}
-        FLT_POSTOP_DISALLOW_FSFILTER_IO if u16::from(major) == IRP_MJ_QUERY_OPEN & 0xFF => {}
+        FLT_POSTOP_DISALLOW_FSFILTER_IO if u16::from(major) == IRP_MJ_QUERY_OPEN & 0xFF => {
+            request.complete(windows_sys::Win32::Foundation::STATUS_FLT_DISALLOW_FSFILTER_IO, 0);
+        }
         FLT_POSTOP_MORE_PROCESSING_REQUIRED => verifier::report(
             Rule::UnsupportedByModel,
             POST,

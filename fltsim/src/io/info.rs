@@ -2,7 +2,7 @@
 //! answers, laid out as windows-sys's structures, and what the file system does for each.
 //!
 //! Queried: `FileBasicInformation`, `FileStandardInformation`, `FileInternalInformation`, `FilePositionInformation`,
-//! `FileNetworkOpenInformation`. Set: `FileBasicInformation`, `FilePositionInformation`, `FileEndOfFileInformation`,
+//! `FileNetworkOpenInformation`, `FileStatInformation` (also the class of `IRP_MJ_QUERY_OPEN`). Set: `FileBasicInformation`, `FilePositionInformation`, `FileEndOfFileInformation`,
 //! `FileDispositionInformation`, `FileRenameInformation`, `FileLinkInformation`. Other classes answer
 //! `STATUS_INVALID_INFO_CLASS` (NTFS answers many more; the model says so rather than inventing data). A buffer
 //! shorter than the class's structure answers `STATUS_INFO_LENGTH_MISMATCH`, as `NtQueryInformationFile` does
@@ -14,9 +14,10 @@ use windows_sys::{
         Foundation::FILE_OBJECT,
         Storage::FileSystem::{
             FILE_BASIC_INFORMATION, FILE_INFORMATION_CLASS, FILE_INTERNAL_INFORMATION, FILE_NETWORK_OPEN_INFORMATION,
-            FILE_POSITION_INFORMATION, FILE_RENAME_INFORMATION, FILE_STANDARD_INFORMATION, FileBasicInformation,
-            FileDispositionInformation, FileEndOfFileInformation, FileInternalInformation, FileLinkInformation,
-            FileNetworkOpenInformation, FilePositionInformation, FileRenameInformation, FileStandardInformation,
+            FILE_POSITION_INFORMATION, FILE_RENAME_INFORMATION, FILE_STANDARD_INFORMATION, FILE_STAT_INFORMATION,
+            FileBasicInformation, FileDispositionInformation, FileEndOfFileInformation, FileInternalInformation,
+            FileLinkInformation, FileNetworkOpenInformation, FilePositionInformation, FileRenameInformation,
+            FileStandardInformation, FileStatInformation,
         },
         System::SystemServices::FILE_END_OF_FILE_INFORMATION,
     },
@@ -46,13 +47,14 @@ fn read_struct<T: Copy>(bytes: &[u8]) -> Result<T, NTSTATUS> {
 }
 
 /// The minimum buffer each queried class needs.
-fn query_size(class: FILE_INFORMATION_CLASS) -> Option<usize> {
+pub(crate) fn query_size(class: FILE_INFORMATION_CLASS) -> Option<usize> {
     Some(match class {
         FileBasicInformation => size_of::<FILE_BASIC_INFORMATION>(),
         FileStandardInformation => size_of::<FILE_STANDARD_INFORMATION>(),
         FileInternalInformation => size_of::<FILE_INTERNAL_INFORMATION>(),
         FilePositionInformation => size_of::<FILE_POSITION_INFORMATION>(),
         FileNetworkOpenInformation => size_of::<FILE_NETWORK_OPEN_INFORMATION>(),
+        FileStatInformation => size_of::<FILE_STAT_INFORMATION>(),
         _ => return None,
     })
 }
@@ -114,6 +116,24 @@ pub(crate) fn query(
                 AllocationSize: signed(s.allocation_size),
                 EndOfFile: signed(s.end_of_file),
                 FileAttributes: b.file_attributes,
+            }))
+        }
+        FileStatInformation => {
+            let b = fs::query_basic(open)?;
+            let s = fs::query_standard(open)?;
+            Ok(bytes_of(&FILE_STAT_INFORMATION {
+                FileId: signed(fs::file_id(open)?),
+                CreationTime: b.creation_time,
+                LastAccessTime: b.last_access_time,
+                LastWriteTime: b.last_write_time,
+                ChangeTime: b.change_time,
+                AllocationSize: signed(s.allocation_size),
+                EndOfFile: signed(s.end_of_file),
+                FileAttributes: b.file_attributes,
+                // The model's reparse points are reported by opens, not by this class: 0 for every file it opens.
+                ReparseTag: 0,
+                NumberOfLinks: s.number_of_links,
+                EffectiveAccess: fs::granted_access(open)?,
             }))
         }
         _ => Err(STATUS_INVALID_INFO_CLASS),

@@ -27,9 +27,10 @@ use windows_sys::{
     },
     Win32::{
         Foundation::{
-            NTSTATUS, STATUS_ACCESS_DENIED, STATUS_FILE_LOCK_CONFLICT, STATUS_INVALID_PARAMETER,
-            STATUS_MOUNT_POINT_NOT_RESOLVED, STATUS_NOT_SAME_DEVICE, STATUS_OBJECT_PATH_NOT_FOUND, STATUS_REPARSE,
-            STATUS_REPARSE_POINT_NOT_RESOLVED, STATUS_SUCCESS, UNICODE_STRING,
+            NTSTATUS, STATUS_ACCESS_DENIED, STATUS_FILE_LOCK_CONFLICT, STATUS_FLT_DISALLOW_FSFILTER_IO,
+            STATUS_INVALID_PARAMETER, STATUS_MOUNT_POINT_NOT_RESOLVED, STATUS_NOT_SAME_DEVICE,
+            STATUS_OBJECT_PATH_NOT_FOUND, STATUS_REPARSE, STATUS_REPARSE_POINT_NOT_RESOLVED, STATUS_SUCCESS,
+            UNICODE_STRING,
         },
         Storage::FileSystem::{
             FILE_APPEND_DATA, FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA, SYNCHRONIZE,
@@ -42,6 +43,8 @@ use super::{
     fs::{self, CreateParams, OpenId, StreamId},
     volumes,
 };
+use windows_sys::Wdk::Storage::FileSystem::Minifilters::IRP_MJ_QUERY_OPEN;
+
 use crate::fltmgr::dispatch::{IRP_MJ_CREATE, Origin, Request, dispatch};
 
 /// What a program asks for when it opens a file (`NtCreateFile`'s parameters).
@@ -867,6 +870,98 @@ pub(crate) fn dereference(handle: &Handle) {
 pub fn query_information(handle: &Handle, class: i32, length: u32) -> Result<Vec<u8>, NTSTATUS> {
     let t = target(handle)?;
     query_from(handle, class, length, Origin::default(), t.kernel_mode)
+}
+
+/// How a query by name was answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueriedByName {
+    /// The information, laid out as the class's structure.
+    pub data: Vec<u8>,
+    /// Whether the fast path (`IRP_MJ_QUERY_OPEN`) answered; otherwise a full create, query and close did.
+    pub fast: bool,
+}
+
+/// `NtQueryInformationByName` (what `GetFileInformationByName` and attribute queries use): first the fast path,
+/// `IRP_MJ_QUERY_OPEN` through the filters as a file-system filter operation on a stack file object, which the file
+/// system answers by opening, querying and closing in one go; when a filter refuses it
+/// (`FLT_PREOP_DISALLOW_FSFILTER_IO` / `FLT_POSTOP_DISALLOW_FSFILTER_IO`) or the name crosses a reparse point, the
+/// slow path: a full `IRP_MJ_CREATE` (which filters see, and a redirector may send elsewhere), a query and a close.
+/// The model passes no IRP in `Parameters.QueryOpen.Irp` (NULL). `params` are the open's (`FILE_READ_ATTRIBUTES`
+/// is what Windows asks for).
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ifs/flt-parameters-for-irp-mj-query-open>.
+///
+/// # Errors
+/// The status of the slow path's create or query, or the fast path's failure other than a refusal.
+pub fn query_by_name(path: &str, class: i32, params: &OpenParams) -> Result<QueriedByName, NTSTATUS> {
+    let (volume, within) = split_drive(path)?;
+    let length = u32::try_from(super::info::query_size(class).unwrap_or(0)).unwrap_or(0);
+    match query_open_fast(&volume, &within, class, length, params) {
+        Ok(data) => return Ok(QueriedByName { data, fast: true }),
+        Err(status) if status != STATUS_FLT_DISALLOW_FSFILTER_IO && status != STATUS_REPARSE => return Err(status),
+        Err(_) => {}
+    }
+    let handle = create_on(&volume, &within, params, Origin::default(), 1)?;
+    let data = query_information(&handle, class, length);
+    close(handle);
+    Ok(QueriedByName { data: data?, fast: false })
+}
+
+fn query_open_fast(
+    volume: &Volume,
+    within: &str,
+    class: i32,
+    length: u32,
+    params: &OpenParams,
+) -> Result<Vec<u8>, NTSTATUS> {
+    let mut file_object = new_file_object(within, true);
+    let mut buffer = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    let mut length_in_out = length;
+    let major = u8::try_from(IRP_MJ_QUERY_OPEN & 0xFF).unwrap_or(u8::MAX);
+    let mut request = Request::new(major, &raw mut file_object.object, params.kernel_mode).fs_filter_operation();
+    {
+        let iopb = request.iopb();
+        if params.case_sensitive {
+            iopb.OperationFlags |= u8::try_from(SL_CASE_SENSITIVE).unwrap_or(0);
+        }
+        iopb.Parameters.QueryOpen.FileInformation = buffer.as_mut_ptr().cast();
+        iopb.Parameters.QueryOpen.Length = &raw mut length_in_out;
+        iopb.Parameters.QueryOpen.FileInformationClass = class;
+    }
+    let identity = access_identity(params);
+    dispatch(volume.handle, &mut request, |request| {
+        let fs_params = CreateParams {
+            disposition: windows_sys::Wdk::Storage::FileSystem::FILE_OPEN,
+            options: params.options & 0x00FF_FFFF,
+            desired_access: params.desired_access,
+            share_access: params.share_access,
+            case_sensitive: params.case_sensitive,
+            check_access_for: identity,
+            ..CreateParams::default()
+        };
+        match fs::create_ex(volume, within, &fs_params) {
+            Ok(fs::CreateOutcome::Opened(done)) => {
+                let answer = super::info::query(done.open, std::ptr::null(), class, buffer.len());
+                fs::cleanup(done.open);
+                fs::close(done.open);
+                match answer {
+                    Ok(data) => {
+                        let n = data.len().min(buffer.len());
+                        buffer[..n].copy_from_slice(&data[..n]);
+                        request.complete(STATUS_SUCCESS, 0);
+                    }
+                    Err(status) => request.complete(status, 0),
+                }
+            }
+            // The fast path does not follow reparse points; the slow path's create does.
+            Ok(fs::CreateOutcome::Reparse(_)) => request.complete(STATUS_REPARSE, 0),
+            Err(status) => request.complete(status, 0),
+        }
+    });
+    let status = request.status();
+    if status < 0 || status == STATUS_REPARSE {
+        return Err(status);
+    }
+    Ok(buffer)
 }
 
 /// `FlushFileBuffers` (`NtFlushBuffersFile`): `IRP_MJ_FLUSH_BUFFERS` through the filters. A user-mode handle
