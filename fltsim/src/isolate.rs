@@ -39,8 +39,18 @@ pub fn is_child(test: &str) -> bool {
 /// When the current executable cannot be found or started: the test cannot run at all.
 #[must_use]
 pub fn run_child(test: &str) -> Output {
+    run_child_with(test, &[])
+}
+
+/// As [`run_child`], with extra environment variables for the child (how a parent tells it which case to run).
+///
+/// # Panics
+/// As [`run_child`].
+#[must_use]
+pub fn run_child_with(test: &str, vars: &[(&str, &str)]) -> Output {
     let exe = env::current_exe().unwrap_or_else(|e| panic!("cannot find the test binary: {e}"));
     Command::new(exe)
+        .envs(vars.iter().copied())
         // `--include-ignored` lets a parent run a scenario that is `#[ignore]`d on its own, such as a deliberately
         // failing one that only exists to be run as a child.
         .args([test, "--exact", "--nocapture", "--test-threads=1", "--include-ignored"])

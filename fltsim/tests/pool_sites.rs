@@ -293,3 +293,23 @@ scenario! {
         assert!(take_reports().is_empty());
     }
 }
+
+scenario! {
+    /// `FailurePlan::NthSite` counts distinct sites in the order a run first reaches them: the n-th site's first
+    /// allocation fails, once, and `sites_reached_by_plan` says how many sites the run reached (so a parent can
+    /// enumerate the sites of a driver run in child processes, where addresses differ).
+    fn the_nth_site_plan_fails_the_nth_distinct_site_once() {
+        let mut outcomes = Vec::new();
+        for n in 1..=4 {
+            pool::set_failure_plan(FailurePlan::NthSite(n));
+            let before = pool::stats().injected_failures;
+            let ok = correct_routine();
+            outcomes.push((ok, pool::stats().injected_failures - before, pool::sites_reached_by_plan()));
+        }
+        pool::set_failure_plan(FailurePlan::Never);
+        // Failing site 1 stops the routine at once (1 site reached); site 2 after two; site 3 after three;
+        // there is no fourth site, so nothing fails.
+        assert_eq!(outcomes, [(false, 1, 1), (false, 1, 2), (false, 1, 3), (true, 0, 3)]);
+        assert!(take_reports().is_empty());
+    }
+}

@@ -106,6 +106,55 @@ scenario! {
     }
 }
 
+/// The environment variable that tells `driver_entry_with_one_site_failing` which site to fail.
+const FAIL_SITE_ENV: &str = "SHUNT_TEST_FAIL_SITE";
+
+scenario! {
+    /// Runs only as a child of `each_allocation_site_of_driver_entry_fails_cleanly`: loads Shunt with the n-th
+    /// distinct allocation site failing and prints what happened.
+    #[ignore = "run as a child process by each_allocation_site_of_driver_entry_fails_cleanly"]
+    fn driver_entry_with_one_site_failing() {
+        let n: usize = std::env::var(FAIL_SITE_ENV).ok().and_then(|v| v.parse().ok()).expect("the site to fail");
+        install_shunt_inf();
+        pool::set_failure_plan(FailurePlan::NthSite(n));
+        let loaded = fltsim::load(shunt::SERVICE_NAME, shunt::DriverEntry);
+        let failed = pool::stats().injected_failures;
+        match loaded {
+            Ok(mut driver) => driver.unload(false).expect("unload"),
+            Err(LoadError::EntryFailed(status)) => {
+                assert_eq!(status, STATUS_INSUFFICIENT_RESOURCES, "a failed allocation fails DriverEntry with it");
+            }
+            Err(other) => panic!("load failed otherwise: {other:?}"),
+        }
+        let filters = fltsim::fltmgr::filters();
+        assert!(filters.iter().all(|f| f.unregistered), "nothing stays registered: {filters:?}");
+        let reports = verifier::take_reports();
+        assert!(reports.is_empty(), "{reports:#?}");
+        println!("site-outcome: failed={failed} reached={}", pool::sites_reached_by_plan());
+    }
+}
+
+/// Driver Verifier's systematic low resources simulation on Shunt's load and unload: each allocation site reached
+/// fails once in turn (one child process per site, since a driver loads once per process), and each time
+/// DriverEntry fails cleanly or copes, with nothing leaked or left registered.
+#[test]
+fn each_allocation_site_of_driver_entry_fails_cleanly() {
+    for n in 1..=64_usize {
+        let value = n.to_string();
+        let output = isolate::run_child_with("driver_entry_with_one_site_failing", &[(FAIL_SITE_ENV, &value)]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success() && stdout.contains("1 passed"), "site {n} failed:\n{stdout}");
+        let outcome = stdout.lines().find_map(|l| l.split_once("site-outcome: ")).map(|(_, o)| o.to_owned());
+        let outcome = outcome.expect("the child printed its outcome");
+        if outcome.starts_with("failed=0") {
+            // Fewer than n sites exist: every one has been failed.
+            assert!(n > 1, "DriverEntry allocates, so at least one site fails: {outcome}");
+            return;
+        }
+    }
+    panic!("more than 64 allocation sites in one load and unload");
+}
+
 scenario! {
     /// A driver's statics cannot be re-initialised in one process: the model refuses a second load of the same
     /// image and says why.

@@ -105,6 +105,11 @@ pub enum FailurePlan {
     /// The first allocation from this [`Site`] after the plan is set, once; later allocations from it succeed, as
     /// Driver Verifier's systematic low resources simulation does.
     Site(Site),
+    /// The first allocation from the n-th distinct site (1-based) reached after the plan is set, once. Sites are
+    /// counted in the order they are first reached, which is the same in every run of a deterministic scenario:
+    /// this enumerates the sites of a driver that loads once per process, where addresses (and so [`Site`] ids)
+    /// differ from process to process. [`sites_reached_by_plan`] says how many distinct sites a run reached.
+    NthSite(usize),
 }
 
 /// An allocation site: the call path that reached `ExAllocatePool2`, identified by a hash of the return addresses
@@ -226,6 +231,8 @@ struct Pool {
     /// The sites seen while recording, in first-seen order, and their ids.
     sites: Vec<Site>,
     site_ids: HashSet<u64>,
+    /// The distinct sites reached since the plan was set (for [`FailurePlan::NthSite`]).
+    plan_sites: HashSet<u64>,
 }
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
@@ -248,6 +255,7 @@ pub fn set_failure_plan(plan: FailurePlan) {
         p.plan = plan;
         p.sequence = 0;
         p.site_failed = false;
+        p.plan_sites.clear();
         if let FailurePlan::Random { seed, .. } = plan {
             p.rng = seed;
         }
@@ -328,6 +336,13 @@ pub fn live() -> Vec<Allocation> {
     with_pool(|p| p.live.values().cloned().collect())
 }
 
+/// How many distinct allocation sites were reached since the [`FailurePlan`] was set, while a
+/// [`FailurePlan::NthSite`] plan was in force.
+#[must_use]
+pub fn sites_reached_by_plan() -> usize {
+    with_pool(|p| p.plan_sites.len())
+}
+
 /// The counters so far.
 #[must_use]
 pub fn stats() -> PoolStats {
@@ -336,7 +351,9 @@ pub fn stats() -> PoolStats {
 
 impl Pool {
     fn update_capture(&self) {
-        let waiting = matches!(self.plan, FailurePlan::Site(_)) && !self.site_failed;
+        // An NthSite plan keeps counting sites after its failure, for `sites_reached_by_plan`.
+        let waiting = (matches!(self.plan, FailurePlan::Site(_)) && !self.site_failed)
+            || matches!(self.plan, FailurePlan::NthSite(_));
         CAPTURE_SITES.store(self.recording || waiting, Ordering::SeqCst);
     }
 
@@ -358,6 +375,14 @@ impl Pool {
                 if fail {
                     self.site_failed = true;
                     self.update_capture();
+                }
+                fail
+            }
+            FailurePlan::NthSite(n) => {
+                let new = site.is_some_and(|id| self.plan_sites.insert(id));
+                let fail = !self.site_failed && new && self.plan_sites.len() == n;
+                if fail {
+                    self.site_failed = true;
                 }
                 fail
             }
