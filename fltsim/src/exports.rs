@@ -81,7 +81,7 @@ pub const EXPORTS: &[Export] = &[
         "FltUnregisterFilter",
         "fltmgr.sys",
         "PASSIVE_LEVEL",
-        "IRQL; a registered filter, unregistered once",
+        "IRQL; a registered filter, unregistered once; tears the instances down, then blocks until the filter's generic and deferred-I/O work items, queued or running, have returned (new ones get STATUS_FLT_DELETING_OBJECT); called from one of those items it would wait for itself (reported, not waited for)",
         "fltkernel/nf-fltkernel-fltunregisterfilter"
     ),
     export!(
@@ -236,14 +236,14 @@ pub const EXPORTS: &[Export] = &[
         "FltReadFileEx",
         "fltmgr.sys",
         "PASSIVE_LEVEL",
-        "IRQL; an attached initiating instance (the read enters below it); an open file object; Buffer xor Mdl; sector-multiple offset and length for non-cached I/O; END_OF_FILE past the end",
+        "IRQL; an attached initiating instance (the read enters below it); an open file object; Buffer xor Mdl (MDL not modelled); sector-multiple offset and length for non-cached I/O; END_OF_FILE past the end; with a CallbackRoutine returns STATUS_PENDING and completes on a system worker at a seeded IRQL <= DISPATCH_LEVEL (BytesRead ignored); async I/O outstanding at unload is reported",
         "fltkernel/nf-fltkernel-fltreadfileex"
     ),
     export!(
         "FltWriteFileEx",
         "fltmgr.sys",
         "PASSIVE_LEVEL",
-        "as FltReadFileEx, and no FILE_WRITE_TO_END_OF_FILE offset",
+        "as FltReadFileEx (asynchronous with a CallbackRoutine, BytesWritten ignored), and no FILE_WRITE_TO_END_OF_FILE offset",
         "fltkernel/nf-fltkernel-fltwritefileex"
     ),
     export!(
@@ -268,6 +268,20 @@ pub const EXPORTS: &[Export] = &[
         "fltkernel/nf-fltkernel-fltcompletependedpreoperation"
     ),
     export!(
+        "FltCompletePendedPostOperation",
+        "fltmgr.sys",
+        "DISPATCH_LEVEL",
+        "IRQL; an operation whose post-operation callback returned MORE_PROCESSING_REQUIRED, completed once and not from inside that callback; the callbacks above run in the caller's context before it returns; never-completed post-operations are reported",
+        "fltkernel/nf-fltkernel-fltcompletependedpostoperation"
+    ),
+    export!(
+        "FltDoCompletionProcessingWhenSafe",
+        "fltmgr.sys",
+        "Any",
+        "only from a post-operation callback, not DRAINING, IRP-based, not READ/WRITE/FLUSH_BUFFERS; below DISPATCH_LEVEL calls SafePostCallback at once, at DISPATCH_LEVEL posts it to a system worker and answers MORE_PROCESSING_REQUIRED (paging I/O: FALSE)",
+        "fltkernel/nf-fltkernel-fltdocompletionprocessingwhensafe"
+    ),
+    export!(
         "FltAllocateDeferredIoWorkItem",
         "fltmgr.sys",
         "DISPATCH_LEVEL",
@@ -285,7 +299,7 @@ pub const EXPORTS: &[Export] = &[
         "FltQueueDeferredIoWorkItem",
         "fltmgr.sys",
         "DISPATCH_LEVEL",
-        "IRQL; an allocated item; Critical or Delayed queue; STATUS_FLT_NOT_SAFE_TO_POST_OPERATION for non-IRP operations, paging I/O and a set top-level IRP; STATUS_FLT_DELETING_OBJECT for a torn-down instance; runs at PASSIVE_LEVEL on a system worker",
+        "IRQL; an allocated item; Critical or Delayed queue; STATUS_FLT_NOT_SAFE_TO_POST_OPERATION for non-IRP operations, paging I/O and a set top-level IRP; STATUS_FLT_DELETING_OBJECT for a torn-down instance or once FltUnregisterFilter has begun; runs at PASSIVE_LEVEL on a system worker",
         "fltkernel/nf-fltkernel-fltqueuedeferredioworkitem"
     ),
     export!(
@@ -306,7 +320,7 @@ pub const EXPORTS: &[Export] = &[
         "FltQueueGenericWorkItem",
         "fltmgr.sys",
         "DISPATCH_LEVEL",
-        "IRQL; an allocated item; Critical or Delayed queue; a live filter or instance; runs at PASSIVE_LEVEL on a system worker",
+        "IRQL; an allocated item; Critical or Delayed queue; a live filter or instance; STATUS_FLT_DELETING_OBJECT once the filter's FltUnregisterFilter has begun; runs at PASSIVE_LEVEL on a system worker",
         "fltkernel/nf-fltkernel-fltqueuegenericworkitem"
     ),
     export!(

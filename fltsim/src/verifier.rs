@@ -62,10 +62,17 @@ pub enum Rule {
     UncheckedOpenForUser,
     /// A file handle or file object the driver opened was still open when it unloaded.
     FileLeak,
-    /// A pre-operation returned `FLT_PREOP_PENDING` and was never completed.
+    /// A filter unregistered (unloaded) while an asynchronous `FltReadFileEx` / `FltWriteFileEx` it issued had not
+    /// completed: instance teardown waits for I/O the filter initiated, so the unload hangs.
+    AsyncIoOutstandingAtUnload,
+    /// A pre-operation returned `FLT_PREOP_PENDING`, or a post-operation `FLT_POSTOP_MORE_PROCESSING_REQUIRED`, and
+    /// the operation was never completed.
     PendedNeverCompleted,
     /// A Filter Manager work item was still allocated when the driver unloaded.
     WorkItemLeak,
+    /// `FltUnregisterFilter` was called from one of the filter's own work items: it waits for the filter's work
+    /// items to return, the calling one included, so the worker would wait for itself (a deadlock).
+    UnregisterWaitsForItself,
     /// A context was released more often than referenced, used after it was freed, or dropped to zero while
     /// attached (Filter Verifier's bugcheck 0xF5).
     ContextMisuse,
@@ -150,8 +157,10 @@ impl Rule {
             Self::ApcsDisabled => "apcs-disabled",
             Self::UncheckedOpenForUser => "unchecked-open-for-user",
             Self::FileLeak => "file-leak",
+            Self::AsyncIoOutstandingAtUnload => "async-io-outstanding-at-unload",
             Self::PendedNeverCompleted => "pended-never-completed",
             Self::WorkItemLeak => "work-item-leak",
+            Self::UnregisterWaitsForItself => "unregister-waits-for-itself",
             Self::ContextMisuse => "context-misuse",
             Self::ContextLeak => "context-leak",
             Self::NameInfoMisuse => "name-info-misuse",
@@ -191,7 +200,7 @@ impl Rule {
             Self::RegistrationInvalid => {
                 "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/ns-fltkernel-_flt_registration"
             }
-            Self::InvalidFilterHandle => {
+            Self::InvalidFilterHandle | Self::UnregisterWaitsForItself => {
                 "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltunregisterfilter"
             }
             Self::FilterNotUnregistered => {
@@ -236,6 +245,9 @@ impl Rule {
             }
             Self::PendedNeverCompleted => {
                 "https://learn.microsoft.com/windows-hardware/drivers/ifs/pending-an-i-o-operation-in-a-preoperation-callback-routine"
+            }
+            Self::AsyncIoOutstandingAtUnload => {
+                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_instance_teardown_callback"
             }
             Self::BugCheck => "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-kebugcheckex",
             Self::RegionLeaveWithoutEnter => {

@@ -8,6 +8,9 @@
 //! operation a filter synchronized, which run at PASSIVE_LEVEL in the originating thread
 //! (<https://learn.microsoft.com/windows-hardware/drivers/ifs/writing-postoperation-callback-routines>). The seed
 //! comes from `FLTSIM_SEED` (default 0) or [`set_seed`], so a failing run can be replayed.
+//!
+//! A post-operation callback that returns `FLT_POSTOP_MORE_PROCESSING_REQUIRED` halts the callbacks above it until
+//! the driver calls `FltCompletePendedPostOperation` ([`super::postpend`]).
 
 use std::{
     cell::RefCell,
@@ -27,8 +30,8 @@ use windows_sys::{
             FLT_POSTOP_MORE_PROCESSING_REQUIRED, FLT_PREOP_COMPLETE, FLT_PREOP_DISALLOW_FASTIO,
             FLT_PREOP_DISALLOW_FSFILTER_IO, FLT_PREOP_PENDING, FLT_PREOP_SUCCESS_NO_CALLBACK,
             FLT_PREOP_SUCCESS_WITH_CALLBACK, FLT_PREOP_SYNCHRONIZE, FLT_RELATED_OBJECTS,
-            FLTFL_CALLBACK_DATA_IRP_OPERATION, IRP_MJ_QUERY_OPEN, PFLT_FILTER, PFLT_INSTANCE,
-            PFLT_POST_OPERATION_CALLBACK, PFLT_VOLUME,
+            FLTFL_CALLBACK_DATA_IRP_OPERATION, FLTFL_POST_OPERATION_DRAINING, IRP_MJ_QUERY_OPEN, PFLT_FILTER,
+            PFLT_INSTANCE, PFLT_POST_OPERATION_CALLBACK, PFLT_VOLUME,
         },
     },
     Win32::Foundation::{NTSTATUS, STATUS_CANCELLED, STATUS_PENDING},
@@ -98,7 +101,8 @@ pub fn current_filter() -> Option<PFLT_FILTER> {
     FRAMES.with(|f| f.borrow().last().map(|frame| frame.filter))
 }
 
-fn in_frame<T>(frame: CallbackFrame, f: impl FnOnce() -> T) -> T {
+/// Runs `f` as the callback `frame` on this thread.
+pub(crate) fn in_frame<T>(frame: CallbackFrame, f: impl FnOnce() -> T) -> T {
     FRAMES.with(|frames| frames.borrow_mut().push(frame));
     let result = f();
     FRAMES.with(|frames| frames.borrow_mut().pop());
@@ -214,7 +218,8 @@ fn next_random() -> u64 {
     z ^ (z >> 31)
 }
 
-fn random_post_irql() -> u8 {
+/// A seeded IRQL among those a post-operation (or asynchronous I/O completion) callback may run at.
+pub(crate) fn random_post_irql() -> u8 {
     match next_random() % 3 {
         0 => irql::PASSIVE,
         1 => irql::APC,
@@ -363,10 +368,45 @@ fn run_from(
     finish_posts(request, posts, file_object, user_request);
 }
 
+/// Calls the post-operation callbacks collected on the way down (`posts`), from the bottom up.
 fn finish_posts(request: &mut Request, posts: Vec<PendingPost>, file_object: *const FILE_OBJECT, user_request: bool) {
-    for pending in posts.into_iter().rev() {
-        call_post(request, &pending, file_object, user_request);
+    finish_upward(request, posts.into_iter().rev().collect(), file_object, user_request);
+}
+
+/// Calls the post-operation callbacks `upward` in order; one that pends the operation
+/// (`FLT_POSTOP_MORE_PROCESSING_REQUIRED`) halts the rest until the driver completes it.
+fn finish_upward(request: &mut Request, upward: Vec<PendingPost>, file_object: *const FILE_OBJECT, user_request: bool) {
+    let mut rest = upward.into_iter();
+    while let Some(pending) = rest.next() {
+        // The model does not drain post-operations at instance teardown, so it never passes
+        // FLTFL_POST_OPERATION_DRAINING; call_post still checks the flag.
+        if call_post(request, &pending, file_object, user_request, 0) == PostDecision::Pended {
+            continue_pended_post(request, rest.collect(), file_object, user_request);
+            return;
+        }
     }
+}
+
+/// A post-operation callback pended the operation: waits for `FltCompletePendedPostOperation` (the requestor's
+/// thread blocks, as for a synchronous request), then calls the callbacks above (`rest`) in the completing thread's
+/// context. When nothing will complete it (reported), completion processing resumes with the status the operation
+/// had, instead of hanging.
+fn continue_pended_post(
+    request: &mut Request,
+    rest: Vec<PendingPost>,
+    file_object: *const FILE_OBJECT,
+    user_request: bool,
+) {
+    let Some(resumption) = super::postpend::wait(request.data()) else {
+        finish_upward(request, rest, file_object, user_request);
+        return;
+    };
+    let process = resumption.process();
+    thread::as_thread(resumption.thread(), || {
+        process::run_as(&process, || finish_upward(request, rest, file_object, user_request));
+    });
+    // Lets FltCompletePendedPostOperation return.
+    drop(resumption);
 }
 
 /// The instance at `index` returned `FLT_PREOP_PENDING`: waits for its completion and continues the operation in
@@ -508,31 +548,55 @@ fn pre_status(
     }
 }
 
-fn call_post(request: &mut Request, pending: &PendingPost, file_object: *const FILE_OBJECT, user_request: bool) {
+/// What the dispatcher does after a post-operation callback returned.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PostDecision {
+    /// Go on up the stack.
+    Continue,
+    /// The callback pended the operation: wait for its completion before going on.
+    Pended,
+}
+
+fn call_post(
+    request: &mut Request,
+    pending: &PendingPost,
+    file_object: *const FILE_OBJECT,
+    user_request: bool,
+    flags: u32,
+) -> PostDecision {
     const POST: &str = "PFLT_POST_OPERATION_CALLBACK";
-    let Some(post) = pending.post else { return };
+    let Some(post) = pending.post else { return PostDecision::Continue };
     let major = request.iopb.MajorFunction;
     let level = if major == IRP_MJ_CREATE || pending.synchronized { irql::PASSIVE } else { random_post_irql() };
     request.iopb.TargetInstance = pending.instance.handle;
     let objects = related(&pending.instance, file_object);
     let data = &raw mut *request.data;
     let frame = CallbackFrame { filter: pending.instance.filter, major, user_request, post: true };
+    super::postpend::enter_post(data, pending.instance.filter);
     let status = in_frame(frame, || {
         thread::at_irql(level, || {
             // SAFETY: the driver registered this callback and is loaded; the data and objects outlive the call.
-            unsafe { post(data, &raw const objects, pending.context, 0) }
+            unsafe { post(data, &raw const objects, pending.context, flags) }
         })
     });
+    let more_processing = status == FLT_POSTOP_MORE_PROCESSING_REQUIRED;
+    let irp = request.data.Flags & FLTFL_CALLBACK_DATA_IRP_OPERATION != 0;
+    let draining = flags & FLTFL_POST_OPERATION_DRAINING != 0;
+    if more_processing && (!irp || draining) {
+        let why = if irp { "with FLTFL_POST_OPERATION_DRAINING set" } else { "for an operation that is not IRP-based" };
+        verifier::report(
+            Rule::StatusNotAllowedForOperation,
+            POST,
+            format!("FLT_POSTOP_MORE_PROCESSING_REQUIRED {why} (major {major:#04x}); completion processing goes on"),
+        );
+    }
+    let pended = super::postpend::leave_post(data, more_processing && irp && !draining);
     match status {
-        FLT_POSTOP_FINISHED_PROCESSING => {}
+        FLT_POSTOP_FINISHED_PROCESSING | FLT_POSTOP_MORE_PROCESSING_REQUIRED => {}
         FLT_POSTOP_DISALLOW_FSFILTER_IO if u16::from(major) == IRP_MJ_QUERY_OPEN & 0xFF => {
             request.complete(windows_sys::Win32::Foundation::STATUS_FLT_DISALLOW_FSFILTER_IO, 0);
         }
-        FLT_POSTOP_MORE_PROCESSING_REQUIRED => verifier::report(
-            Rule::UnsupportedByModel,
-            POST,
-            "FLT_POSTOP_MORE_PROCESSING_REQUIRED: pended post-operations are not modelled yet",
-        ),
         other => verifier::report(Rule::InvalidPostOpStatus, POST, format!("returned {other}")),
     }
+    if pended { PostDecision::Pended } else { PostDecision::Continue }
 }

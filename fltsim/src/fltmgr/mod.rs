@@ -10,6 +10,7 @@ pub mod instance;
 pub mod names;
 pub mod pending;
 pub mod port;
+pub mod postpend;
 pub mod query;
 pub mod registration;
 

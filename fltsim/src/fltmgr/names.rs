@@ -96,6 +96,20 @@ fn issue(device_name: &str, within: &str, format: u32, filter: PFLT_FILTER) -> *
     pointer.cast()
 }
 
+/// `FLT_FILE_NAME_OPTIONS` split into its format byte and query method byte, and whether the method is one of the
+/// four the docs define.
+fn split_name_options(name_options: u32) -> (u32, u32, bool) {
+    let method = name_options & 0xFF00;
+    let known_method = [
+        FLT_FILE_NAME_QUERY_DEFAULT,
+        FLT_FILE_NAME_QUERY_CACHE_ONLY,
+        FLT_FILE_NAME_QUERY_FILESYSTEM_ONLY,
+        FLT_FILE_NAME_QUERY_ALWAYS_ALLOW_CACHE_LOOKUP,
+    ]
+    .contains(&method);
+    (name_options & 0xFF, method, known_method)
+}
+
 /// `FltGetFileNameInformation`.
 ///
 /// Rules: ≤ APC_LEVEL; `NameOptions` naming one format (normalized, opened, short) and one query method; no short
@@ -118,15 +132,7 @@ pub unsafe extern "system" fn FltGetFileNameInformation(
         if !thread::require_irql_at_most(API, irql::APC, FLTGETFILENAMEINFORMATION) {
             return STATUS_INVALID_PARAMETER;
         }
-        let format = name_options & 0xFF;
-        let method = name_options & 0xFF00;
-        let known_method = [
-            FLT_FILE_NAME_QUERY_DEFAULT,
-            FLT_FILE_NAME_QUERY_CACHE_ONLY,
-            FLT_FILE_NAME_QUERY_FILESYSTEM_ONLY,
-            FLT_FILE_NAME_QUERY_ALWAYS_ALLOW_CACHE_LOOKUP,
-        ]
-        .contains(&method);
+        let (format, method, known_method) = split_name_options(name_options);
         let known_format = [FLT_FILE_NAME_NORMALIZED, FLT_FILE_NAME_OPENED, FLT_FILE_NAME_SHORT].contains(&format);
         if file_name_information.is_null() || !known_method || !known_format {
             verifier::report(
@@ -323,15 +329,7 @@ pub unsafe extern "system" fn FltGetDestinationFileNameInformation(
         if !thread::require_irql_at_most(API, irql::APC, FLTGETDESTINATIONFILENAMEINFORMATION) {
             return STATUS_INVALID_PARAMETER;
         }
-        let format = name_options & 0xFF;
-        let method = name_options & 0xFF00;
-        let known_method = [
-            FLT_FILE_NAME_QUERY_DEFAULT,
-            FLT_FILE_NAME_QUERY_CACHE_ONLY,
-            FLT_FILE_NAME_QUERY_FILESYSTEM_ONLY,
-            FLT_FILE_NAME_QUERY_ALWAYS_ALLOW_CACHE_LOOKUP,
-        ]
-        .contains(&method);
+        let (format, method, known_method) = split_name_options(name_options);
         if format == FLT_FILE_NAME_SHORT {
             return STATUS_FLT_INVALID_NAME_REQUEST;
         }

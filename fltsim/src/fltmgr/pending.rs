@@ -9,8 +9,15 @@
 //! operation is never completed — nothing is left on the system workers and no completion came — the model reports
 //! it ([`Rule::PendedNeverCompleted`]) and fails the operation with `STATUS_CANCELLED`, instead of hanging: the
 //! hazard is found by rule, not by a timeout.
+//!
+//! Every queued work item holds a rundown reference on its filter, as Filter Manager's work items do: once
+//! `FltUnregisterFilter` has begun, queueing fails with `STATUS_FLT_DELETING_OBJECT` ("the minifilter driver is
+//! being unloaded"), and `FltUnregisterFilter` does not return before the filter's items, queued or running, have
+//! returned. Called from one of the filter's own work items, that wait would wait for itself; the
+//! model reports it ([`Rule::UnregisterWaitsForItself`]) and does not wait for the calling item.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, BTreeSet},
     ffi::c_void,
     sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
@@ -50,6 +57,121 @@ const FLTQUEUEDEFERREDIOWORKITEM: &str =
     "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltqueuedeferredioworkitem";
 const FLTQUEUEGENERICWORKITEM: &str =
     "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltqueuegenericworkitem";
+
+/// Where a filter's rundown stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Stage {
+    /// Registered: work items may be queued.
+    #[default]
+    Live,
+    /// `FltUnregisterFilter` has begun: new items are refused, queued and running ones are waited for.
+    RunningDown,
+    /// `FltUnregisterFilter` has finished.
+    Gone,
+}
+
+/// One filter's work items.
+#[derive(Default)]
+struct Rundown {
+    /// Items queued for the filter that have not returned yet (waiting for a worker or running).
+    outstanding: usize,
+    stage: Stage,
+}
+
+static RUNDOWN: Mutex<BTreeMap<PFLT_FILTER, Rundown>> = Mutex::new(BTreeMap::new());
+/// Signalled when one of a filter's work items returns.
+static RUNDOWN_CHANGED: Condvar = Condvar::new();
+
+thread_local! {
+    /// The filters whose work items this thread is running, innermost last (a worker runs one item at a time;
+    /// more only when items run inline on the queueing thread because no worker could start).
+    static RUNNING_ITEMS_OF: RefCell<Vec<PFLT_FILTER>> = const { RefCell::new(Vec::new()) };
+}
+
+fn rundowns() -> MutexGuard<'static, BTreeMap<PFLT_FILTER, Rundown>> {
+    RUNDOWN.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Takes a rundown reference on `filter` for one work item; `false` once its unregistration has begun.
+fn acquire(filter: PFLT_FILTER) -> bool {
+    let mut all = rundowns();
+    let rundown = all.entry(filter).or_default();
+    if rundown.stage != Stage::Live {
+        return false;
+    }
+    rundown.outstanding += 1;
+    true
+}
+
+/// Whether `filter` is being unregistered: `FltUnregisterFilter` has begun and not finished.
+fn running_down(filter: PFLT_FILTER) -> bool {
+    rundowns().get(&filter).is_some_and(|r| r.stage == Stage::RunningDown)
+}
+
+/// Releases the rundown reference of one of `filter`'s work items when dropped, even if the routine panicked.
+struct ItemReference(PFLT_FILTER);
+
+impl Drop for ItemReference {
+    fn drop(&mut self) {
+        RUNNING_ITEMS_OF.with_borrow_mut(|running| {
+            if let Some(at) = running.iter().rposition(|f| *f == self.0) {
+                running.remove(at);
+            }
+        });
+        if let Some(rundown) = rundowns().get_mut(&self.0) {
+            rundown.outstanding = rundown.outstanding.saturating_sub(1);
+        }
+        RUNDOWN_CHANGED.notify_all();
+    }
+}
+
+/// Queues `routine` on a system worker as one of `filter`'s work items; the caller has [`acquire`]d a reference.
+fn queue_for(filter: PFLT_FILTER, routine: impl FnOnce() + Send + 'static) {
+    drop(work::queue(move || {
+        RUNNING_ITEMS_OF.with_borrow_mut(|running| running.push(filter));
+        let _reference = ItemReference(filter);
+        routine();
+    }));
+}
+
+/// `FltUnregisterFilter` begins: `filter`'s work items are refused from now on. `false` when its unregistration
+/// had already begun (a second, concurrent `FltUnregisterFilter`).
+pub(crate) fn begin_rundown(filter: PFLT_FILTER) -> bool {
+    let mut all = rundowns();
+    let rundown = all.entry(filter).or_default();
+    if rundown.stage != Stage::Live {
+        return false;
+    }
+    rundown.stage = Stage::RunningDown;
+    true
+}
+
+/// `FltUnregisterFilter` waits for `filter`'s work items, queued and running, to return, blocking until the
+/// workers have run them.
+///
+/// Called from one of those items, the wait would include the caller itself, which cannot return before the wait
+/// does: on Windows the worker thread hangs for good and the unload with it. The model decides by the calling
+/// thread, not by a timeout: it reports [`Rule::UnregisterWaitsForItself`] and waits only for the other items.
+pub(crate) fn run_down(api: &'static str, filter: PFLT_FILTER) {
+    let own = RUNNING_ITEMS_OF.with_borrow(|running| running.iter().filter(|f| **f == filter).count());
+    if own > 0 {
+        verifier::report(
+            Rule::UnregisterWaitsForItself,
+            api,
+            format!(
+                "called from a work item of filter {filter:#x}: unregistering waits for the filter's work items to \
+                 return, this one included, so the worker thread would wait for itself forever"
+            ),
+        );
+    }
+    let mut all = rundowns();
+    while all.get(&filter).is_some_and(|r| r.outstanding > own) {
+        all = RUNDOWN_CHANGED.wait(all).unwrap_or_else(PoisonError::into_inner);
+    }
+    if let Some(rundown) = all.get_mut(&filter) {
+        rundown.stage = Stage::Gone;
+    }
+}
 
 /// How the driver completed a pended operation, and in which thread's context.
 pub(crate) struct Completion {
@@ -302,8 +424,9 @@ fn target_filter(data: &FLT_CALLBACK_DATA) -> Option<(PFLT_FILTER, bool)> {
 ///
 /// Rules: ≤ DISPATCH_LEVEL; an allocated item; `CriticalWorkQueue` or `DelayedWorkQueue`. Fails with
 /// `STATUS_FLT_NOT_SAFE_TO_POST_OPERATION` for operations that are not IRP-based, for paging I/O and when the
-/// thread's top-level IRP is set, and with `STATUS_FLT_DELETING_OBJECT` while the instance is torn down (the
-/// documented answers, not driver bugs). The routine runs at PASSIVE_LEVEL on a system worker.
+/// thread's top-level IRP is set, and with `STATUS_FLT_DELETING_OBJECT` while the instance is torn down or the
+/// filter unregistered (the documented answers, not driver bugs). The routine runs at PASSIVE_LEVEL on a system
+/// worker, and `FltUnregisterFilter` waits for it.
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltqueuedeferredioworkitem>.
 ///
 /// # Safety
@@ -347,15 +470,15 @@ pub unsafe extern "system" fn FltQueueDeferredIoWorkItem(
         let Some((filter, attached)) = target_filter(callback_data) else {
             return STATUS_INVALID_PARAMETER;
         };
-        if !attached {
+        if !attached || !acquire(filter) {
             return STATUS_FLT_DELETING_OBJECT;
         }
         with_items(|i| i.insert(item.cast_unsigned(), filter));
         let (data_address, context_address) = (data as usize, context as usize);
-        drop(work::queue(move || {
+        queue_for(filter, move || {
             // SAFETY: the driver's routine, with the item, the pended operation's data and its context.
             unsafe { routine(item, data_address as *const FLT_CALLBACK_DATA, context_address as *const c_void) };
-        }));
+        });
         STATUS_SUCCESS
     })
 }
@@ -363,7 +486,9 @@ pub unsafe extern "system" fn FltQueueDeferredIoWorkItem(
 /// `FltQueueGenericWorkItem`.
 ///
 /// Rules: ≤ DISPATCH_LEVEL; an allocated item; `CriticalWorkQueue` or `DelayedWorkQueue`; `FltObject` a filter or
-/// instance. The routine runs at PASSIVE_LEVEL on a system worker.
+/// instance. Fails with `STATUS_FLT_DELETING_OBJECT` once the filter's `FltUnregisterFilter` has begun (the
+/// documented answer, not a driver bug). The routine runs at PASSIVE_LEVEL on a system worker, and
+/// `FltUnregisterFilter` waits for it.
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltqueuegenericworkitem>.
 #[unsafe(no_mangle)]
 pub extern "system" fn FltQueueGenericWorkItem(
@@ -393,7 +518,13 @@ pub extern "system" fn FltQueueGenericWorkItem(
             .into_iter()
             .find(|f| f.handle == object && !f.unregistered)
             .map(|f| f.handle)
-            .or_else(|| instances().into_iter().find(|i| i.handle == object && i.attached).map(|i| i.filter));
+            // An instance torn down by the filter's unregistration still names a filter being unloaded.
+            .or_else(|| {
+                instances()
+                    .into_iter()
+                    .find(|i| i.handle == object && (i.attached || running_down(i.filter)))
+                    .map(|i| i.filter)
+            });
         let Some(filter) = filter else {
             verifier::report(
                 Rule::InvalidArgument,
@@ -402,12 +533,16 @@ pub extern "system" fn FltQueueGenericWorkItem(
             );
             return STATUS_INVALID_PARAMETER;
         };
+        if !acquire(filter) {
+            // "The minifilter driver is being unloaded": the documented answer, not a driver bug.
+            return STATUS_FLT_DELETING_OBJECT;
+        }
         with_items(|i| i.insert(item.cast_unsigned(), filter));
         let (object_address, context_address) = (flt_object as usize, context as usize);
-        drop(work::queue(move || {
+        queue_for(filter, move || {
             // SAFETY: the driver's routine, with the item, the filter object and its context.
             unsafe { routine(item, object_address as *const c_void, context_address as *const c_void) };
-        }));
+        });
         STATUS_SUCCESS
     })
 }

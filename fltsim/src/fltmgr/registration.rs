@@ -402,6 +402,15 @@ pub extern "system" fn FltStartFiltering(filter: PFLT_FILTER) -> NTSTATUS {
 }
 
 /// `FltUnregisterFilter`: IRQL PASSIVE_LEVEL, once per registered filter; waits for the filter's rundown.
+///
+/// From the moment it is called, the filter's work items are refused (`STATUS_FLT_DELETING_OBJECT`). It tears the
+/// instances down (InstanceTeardownStart, then InstanceTeardownComplete), then blocks until every generic and
+/// deferred-I/O work item the filter queued, waiting or running, has returned, and only then is the filter gone.
+/// Windows waits for an item queued on an instance inside that instance's teardown; the model waits for all of
+/// them after the teardown callbacks, a simplification a driver cannot tell apart unless an InstanceTeardownComplete
+/// callback depends on its items having run. A second call while the first is still running down is reported
+/// ([`Rule::InvalidFilterHandle`]) and returns at once; a call from one of the filter's own work items would wait
+/// for itself and is reported ([`Rule::UnregisterWaitsForItself`]; the model does not wait for that item).
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltunregisterfilter>.
 #[unsafe(no_mangle)]
 pub extern "system" fn FltUnregisterFilter(filter: PFLT_FILTER) {
@@ -413,8 +422,18 @@ pub extern "system" fn FltUnregisterFilter(filter: PFLT_FILTER) {
         let Some(record) = with_live_filter(API, filter, |r| r.clone()) else {
             return;
         };
+        if !super::pending::begin_rundown(filter) {
+            verifier::report(
+                Rule::InvalidFilterHandle,
+                API,
+                format!("{filter:#x} is already being unregistered by another FltUnregisterFilter"),
+            );
+            return;
+        }
         // Instances are torn down (calling the driver's teardown callbacks) before the filter is gone.
         super::instance::tear_down_filter(&record);
+        // The filter's work items, queued or running, return before FltUnregisterFilter does.
+        super::pending::run_down(API, filter);
         with_live_filter(API, filter, |r| {
             r.unregistered = true;
             r.started = false;
