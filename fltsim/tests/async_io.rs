@@ -21,19 +21,15 @@ use fltsim::{
     fltmgr::fileio::{hold_async_completions, outstanding_async_io},
     io::{self, VolumeSpec, iomgr},
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, open_file, operation, register_and_start, registration, unregister},
     verifier::take_reports,
 };
 use windows_sys::{
     Wdk::{
-        Foundation::{DRIVER_OBJECT, FILE_OBJECT, KEVENT, OBJECT_ATTRIBUTES},
-        Storage::FileSystem::{
-            FILE_OPEN,
-            Minifilters::{
-                FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS,
-                FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltClose, FltCreateFileEx2,
-                FltReadFileEx, FltWriteFileEx,
-            },
+        Foundation::{DRIVER_OBJECT, FILE_OBJECT, KEVENT},
+        Storage::FileSystem::Minifilters::{
+            FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_SUCCESS_NO_CALLBACK,
+            FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltClose, FltReadFileEx, FltWriteFileEx,
         },
         System::SystemServices::{
             ExAllocatePool2, ExFreePoolWithTag, Executive, IO_FORCE_ACCESS_CHECK, KeGetCurrentIrql, KeInitializeEvent,
@@ -44,8 +40,7 @@ use windows_sys::{
         Foundation::{
             HANDLE, NTSTATUS, OBJ_KERNEL_HANDLE, STATUS_END_OF_FILE, STATUS_PENDING, STATUS_SUCCESS, UNICODE_STRING,
         },
-        Storage::FileSystem::{FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA},
-        System::{IO::IO_STATUS_BLOCK, Kernel::NotificationEvent},
+        System::Kernel::NotificationEvent,
     },
 };
 
@@ -156,43 +151,7 @@ unsafe extern "system" fn completed(data: *const FLT_CALLBACK_DATA, context: *mu
 
 /// Opens `\backing.txt` below `objects.Instance`; returns the handle and the referenced file object.
 fn open_backing(objects: &FLT_RELATED_OBJECTS) -> Option<(HANDLE, *mut FILE_OBJECT)> {
-    let mut path: Vec<u16> = r"\??\C:\backing.txt".encode_utf16().collect();
-    let bytes = u16::try_from(path.len() * 2).expect("short");
-    let object_name = UNICODE_STRING { Length: bytes, MaximumLength: bytes, Buffer: path.as_mut_ptr() };
-    let attributes = OBJECT_ATTRIBUTES {
-        Length: u32::try_from(size_of::<OBJECT_ATTRIBUTES>()).expect("small"),
-        RootDirectory: null_mut(),
-        ObjectName: &raw const object_name,
-        Attributes: OBJ_KERNEL_HANDLE,
-        SecurityDescriptor: std::ptr::null(),
-        SecurityQualityOfService: std::ptr::null(),
-    };
-    let mut handle: HANDLE = null_mut();
-    let mut file_object: *mut FILE_OBJECT = null_mut();
-    // SAFETY: all-zero is a valid IO_STATUS_BLOCK.
-    let mut io_status: IO_STATUS_BLOCK = unsafe { std::mem::zeroed() };
-    // SAFETY: every pointer refers to a live local; the filter and instance are this filter's.
-    let status = unsafe {
-        FltCreateFileEx2(
-            objects.Filter,
-            objects.Instance,
-            &raw mut handle,
-            &raw mut file_object,
-            FILE_READ_DATA | FILE_WRITE_DATA,
-            &raw const attributes,
-            &raw mut io_status,
-            std::ptr::null(),
-            0,
-            FILE_SHARE_READ | FILE_SHARE_WRITE,
-            FILE_OPEN,
-            0,
-            std::ptr::null(),
-            0,
-            IO_FORCE_ACCESS_CHECK,
-            std::ptr::null(),
-        )
-    };
-    (status >= 0).then_some((handle, file_object))
+    open_file(objects.Filter, objects.Instance, r"\??\C:\backing.txt", OBJ_KERNEL_HANDLE, IO_FORCE_ACCESS_CHECK).ok()
 }
 
 unsafe extern "system" fn pre_create(

@@ -12,21 +12,18 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::thread,
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
-    Wdk::{
-        Foundation::DRIVER_OBJECT,
-        Storage::FileSystem::Minifilters::{
-            FLT_CALLBACK_DATA, FLT_CONTEXT_END, FLT_CONTEXT_REGISTRATION, FLT_OPERATION_REGISTRATION,
-            FLT_POSTOP_CALLBACK_STATUS, FLT_POSTOP_FINISHED_PROCESSING, FLT_PREOP_CALLBACK_STATUS,
-            FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_PREOP_SUCCESS_WITH_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
-            FLT_SET_CONTEXT_KEEP_IF_EXISTS, FLT_STREAM_CONTEXT, FLT_STREAMHANDLE_CONTEXT, FltAllocateContext, FltClose,
-            FltGetStreamHandleContext, FltReferenceContext, FltReleaseContext, FltSetStreamHandleContext, PFLT_CONTEXT,
-        },
+    Wdk::Storage::FileSystem::Minifilters::{
+        FLT_CALLBACK_DATA, FLT_CONTEXT_END, FLT_CONTEXT_REGISTRATION, FLT_OPERATION_REGISTRATION,
+        FLT_POSTOP_CALLBACK_STATUS, FLT_POSTOP_FINISHED_PROCESSING, FLT_PREOP_CALLBACK_STATUS,
+        FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_PREOP_SUCCESS_WITH_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
+        FLT_SET_CONTEXT_KEEP_IF_EXISTS, FLT_STREAM_CONTEXT, FLT_STREAMHANDLE_CONTEXT, FltAllocateContext, FltClose,
+        FltGetStreamHandleContext, FltReferenceContext, FltReleaseContext, FltSetStreamHandleContext, PFLT_CONTEXT,
     },
-    Win32::Foundation::{NTSTATUS, STATUS_FLT_CONTEXT_ALLOCATION_NOT_FOUND, STATUS_SUCCESS, UNICODE_STRING},
+    Win32::Foundation::{STATUS_FLT_CONTEXT_ALLOCATION_NOT_FOUND, STATUS_SUCCESS},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -42,7 +39,6 @@ enum Mode {
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 static CLEANUPS: AtomicUsize = AtomicUsize::new(0);
 static CLEANUP_IRQL: AtomicU8 = AtomicU8::new(u8::MAX);
 static FOUND_IN_READ: AtomicUsize = AtomicUsize::new(0);
@@ -204,15 +200,7 @@ static REGISTRATION: Table<FLT_REGISTRATION> = Table(FLT_REGISTRATION {
     ..registration((&raw const OPERATIONS.0).cast(), Some(unload))
 });
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(mode: Mode) -> fltsim::LoadedDriver {
     MODE.store(mode as u8, Ordering::SeqCst);

@@ -1,41 +1,31 @@
 //! `FltGetDestinationFileNameInformation`: the full name a rename or hard link targets, as a filter asks for it in
 //! its pre-set-information callback.
 
-use std::{
-    ffi::c_void,
-    ptr::null_mut,
-    sync::{Mutex, atomic::AtomicIsize},
-};
+use std::{ffi::c_void, ptr::null_mut, sync::Mutex};
 
 use fltsim::{
     Rule,
     io::{self, VolumeSpec, info, iomgr},
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
-    Wdk::{
-        Foundation::DRIVER_OBJECT,
-        Storage::FileSystem::{
-            FILE_RENAME_INFORMATION, FileLinkInformation, FileRenameInformation,
-            Minifilters::{
-                FLT_CALLBACK_DATA, FLT_FILE_NAME_INFORMATION, FLT_FILE_NAME_NORMALIZED, FLT_FILE_NAME_OPENED,
-                FLT_FILE_NAME_QUERY_DEFAULT, FLT_FILE_NAME_SHORT, FLT_OPERATION_REGISTRATION,
-                FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
-                FltGetDestinationFileNameInformation, FltReleaseFileNameInformation,
-            },
+    Wdk::Storage::FileSystem::{
+        FILE_RENAME_INFORMATION, FileLinkInformation, FileRenameInformation,
+        Minifilters::{
+            FLT_CALLBACK_DATA, FLT_FILE_NAME_INFORMATION, FLT_FILE_NAME_NORMALIZED, FLT_FILE_NAME_OPENED,
+            FLT_FILE_NAME_QUERY_DEFAULT, FLT_FILE_NAME_SHORT, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS,
+            FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltGetDestinationFileNameInformation,
+            FltReleaseFileNameInformation,
         },
     },
     Win32::{
-        Foundation::{
-            NTSTATUS, STATUS_FLT_INVALID_NAME_REQUEST, STATUS_NOT_SAME_DEVICE, STATUS_SUCCESS, UNICODE_STRING,
-        },
+        Foundation::{NTSTATUS, STATUS_FLT_INVALID_NAME_REQUEST, STATUS_NOT_SAME_DEVICE, STATUS_SUCCESS},
         Storage::FileSystem::{DELETE, FILE_READ_DATA, FILE_SHARE_DELETE, FILE_SHARE_READ, FILE_SHARE_WRITE},
     },
 };
 
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 /// A destination name, or why there is none.
 type Name = Result<String, NTSTATUS>;
 /// What the filter learnt per rename or link: (normalized, opened, status with the short format, status for a name
@@ -109,15 +99,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> =
     Table([operation(6, Some(pre_set_information), None), operation(END, None, None)]);
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 scenario! {
     /// A bare name lands in the file's directory, a full name where it says; the normalized form expands the

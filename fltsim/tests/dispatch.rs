@@ -4,7 +4,7 @@
 use std::{
     ffi::c_void,
     path::PathBuf,
-    sync::atomic::{AtomicIsize, AtomicU8, AtomicUsize, Ordering},
+    sync::atomic::{AtomicU8, AtomicUsize, Ordering},
 };
 
 use fltsim::{
@@ -12,20 +12,17 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::thread,
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
-    Wdk::{
-        Foundation::DRIVER_OBJECT,
-        Storage::FileSystem::Minifilters::{
-            FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_POSTOP_CALLBACK_STATUS, FLT_POSTOP_FINISHED_PROCESSING,
-            FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_COMPLETE, FLT_PREOP_DISALLOW_FASTIO, FLT_PREOP_SUCCESS_NO_CALLBACK,
-            FLT_PREOP_SUCCESS_WITH_CALLBACK, FLT_PREOP_SYNCHRONIZE, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
-        },
+    Wdk::Storage::FileSystem::Minifilters::{
+        FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_POSTOP_CALLBACK_STATUS, FLT_POSTOP_FINISHED_PROCESSING,
+        FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_COMPLETE, FLT_PREOP_DISALLOW_FASTIO, FLT_PREOP_SUCCESS_NO_CALLBACK,
+        FLT_PREOP_SUCCESS_WITH_CALLBACK, FLT_PREOP_SYNCHRONIZE, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
     },
     Win32::{
-        Foundation::{NTSTATUS, STATUS_ACCESS_DENIED, STATUS_PENDING, STATUS_SUCCESS, UNICODE_STRING},
+        Foundation::{STATUS_ACCESS_DENIED, STATUS_PENDING},
         Storage::FileSystem::{FILE_READ_DATA, FILE_WRITE_DATA},
     },
 };
@@ -55,7 +52,6 @@ enum Mode {
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 static PRE_CREATES: AtomicUsize = AtomicUsize::new(0);
 static POST_CREATES: AtomicUsize = AtomicUsize::new(0);
 static PRE_READS: AtomicUsize = AtomicUsize::new(0);
@@ -144,15 +140,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 3]> = Table([
 
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 /// Mounts C: on a fresh host directory holding `hello.txt`, loads the test filter in `mode`.
 fn setup(mode: Mode) -> (fltsim::LoadedDriver, PathBuf) {

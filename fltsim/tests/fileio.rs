@@ -3,10 +3,9 @@
 
 use std::{
     ffi::c_void,
-    ptr::null_mut,
     sync::{
         Mutex,
-        atomic::{AtomicIsize, AtomicU8, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
 };
 
@@ -15,27 +14,19 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::thread,
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, open_file, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
     Wdk::{
-        Foundation::{DRIVER_OBJECT, FILE_OBJECT, OBJECT_ATTRIBUTES},
-        Storage::FileSystem::{
-            FILE_OPEN,
-            Minifilters::{
-                FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS,
-                FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FLTFL_IO_OPERATION_NON_CACHED,
-                FltClose, FltCreateFileEx2, FltReadFileEx, FltWriteFileEx,
-            },
+        Storage::FileSystem::Minifilters::{
+            FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_SUCCESS_NO_CALLBACK,
+            FLT_REGISTRATION, FLT_RELATED_OBJECTS, FLTFL_IO_OPERATION_NON_CACHED, FltClose, FltReadFileEx,
+            FltWriteFileEx,
         },
         System::SystemServices::{IO_FORCE_ACCESS_CHECK, ObfDereferenceObject},
     },
-    Win32::{
-        Foundation::{HANDLE, NTSTATUS, OBJ_KERNEL_HANDLE, STATUS_SUCCESS, UNICODE_STRING},
-        Storage::FileSystem::{FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA},
-        System::IO::IO_STATUS_BLOCK,
-    },
+    Win32::Foundation::OBJ_KERNEL_HANDLE,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -60,7 +51,6 @@ enum Mode {
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 static READ_BACK: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 
 fn mode() -> Mode {
@@ -99,47 +89,13 @@ unsafe extern "system" fn pre_create(
     if mode() != Mode::Recurse && !name.eq_ignore_ascii_case("\\source.txt") {
         return FLT_PREOP_SUCCESS_NO_CALLBACK;
     }
-    let mut path: Vec<u16> = r"\??\C:\backing.txt".encode_utf16().collect();
-    let bytes = u16::try_from(path.len() * 2).expect("short");
-    let object_name = UNICODE_STRING { Length: bytes, MaximumLength: bytes, Buffer: path.as_mut_ptr() };
-    let attributes = OBJECT_ATTRIBUTES {
-        Length: u32::try_from(size_of::<OBJECT_ATTRIBUTES>()).expect("small"),
-        RootDirectory: null_mut(),
-        ObjectName: &raw const object_name,
-        Attributes: if mode() == Mode::UserHandle { 0 } else { OBJ_KERNEL_HANDLE },
-        SecurityDescriptor: std::ptr::null(),
-        SecurityQualityOfService: std::ptr::null(),
-    };
+    let attributes = if mode() == Mode::UserHandle { 0 } else { OBJ_KERNEL_HANDLE };
     let instance = if matches!(mode(), Mode::FromTheTop | Mode::Recurse) { 0 } else { objects.Instance };
     let flags = if mode() == Mode::NoAccessCheck { 0 } else { IO_FORCE_ACCESS_CHECK };
-    let mut handle: HANDLE = null_mut();
-    let mut file_object: *mut FILE_OBJECT = null_mut();
-    // SAFETY: all-zero is a valid IO_STATUS_BLOCK.
-    let mut io_status: IO_STATUS_BLOCK = unsafe { std::mem::zeroed() };
-    // SAFETY: every pointer refers to a live local; the filter and instance are this filter's.
-    let status = unsafe {
-        FltCreateFileEx2(
-            objects.Filter,
-            instance,
-            &raw mut handle,
-            &raw mut file_object,
-            FILE_READ_DATA | FILE_WRITE_DATA,
-            &raw const attributes,
-            &raw mut io_status,
-            std::ptr::null(),
-            0,
-            FILE_SHARE_READ | FILE_SHARE_WRITE,
-            FILE_OPEN,
-            0,
-            std::ptr::null(),
-            0,
-            flags,
-            std::ptr::null(),
-        )
-    };
-    if status < 0 {
+    let Ok((handle, file_object)) = open_file(objects.Filter, instance, r"\??\C:\backing.txt", attributes, flags)
+    else {
         return FLT_PREOP_SUCCESS_NO_CALLBACK;
-    }
+    };
     let mut buffer = [0u8; 64];
     let mut read = 0u32;
     let (offset, io_flags) =
@@ -197,15 +153,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> =
 
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(mode: Mode) -> fltsim::LoadedDriver {
     setup_volume(mode).0

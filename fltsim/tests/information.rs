@@ -12,37 +12,34 @@ use fltsim::{
     Rule,
     io::{self, VolumeSpec, info, iomgr},
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, open_file, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
     Wdk::{
-        Foundation::{DRIVER_OBJECT, FILE_OBJECT, OBJECT_ATTRIBUTES},
         Storage::FileSystem::{
-            FILE_OPEN, FILE_STANDARD_INFORMATION, FileDispositionInformation, FileEndOfFileInformation,
-            FileRenameInformation, FileStandardInformation,
+            FILE_STANDARD_INFORMATION, FileDispositionInformation, FileEndOfFileInformation, FileRenameInformation,
+            FileStandardInformation,
             Minifilters::{
                 FLT_CALLBACK_DATA, FLT_FLUSH_TYPE_FILE_DATA_ONLY, FLT_OPERATION_REGISTRATION,
                 FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
-                FltAllocateCallbackData, FltClose, FltCreateFileEx2, FltFlushBuffers, FltFlushBuffers2,
-                FltFreeCallbackData, FltPerformSynchronousIo, FltQueryInformationFile, FltSetInformationFile,
+                FltAllocateCallbackData, FltClose, FltFlushBuffers, FltFlushBuffers2, FltFreeCallbackData,
+                FltPerformSynchronousIo, FltQueryInformationFile, FltSetInformationFile,
             },
         },
         System::SystemServices::{FILE_END_OF_FILE_INFORMATION, IO_FORCE_ACCESS_CHECK, ObfDereferenceObject},
     },
     Win32::{
         Foundation::{
-            HANDLE, NTSTATUS, OBJ_KERNEL_HANDLE, STATUS_ACCESS_DENIED, STATUS_INVALID_PARAMETER,
-            STATUS_OBJECT_NAME_NOT_FOUND, STATUS_SUCCESS, UNICODE_STRING,
+            OBJ_KERNEL_HANDLE, STATUS_ACCESS_DENIED, STATUS_INVALID_PARAMETER, STATUS_OBJECT_NAME_NOT_FOUND,
+            STATUS_SUCCESS,
         },
         Storage::FileSystem::{
             DELETE, FILE_READ_DATA, FILE_SHARE_DELETE, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA,
         },
-        System::IO::IO_STATUS_BLOCK,
     },
 };
 
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 static LEAK: AtomicU8 = AtomicU8::new(0);
 static BACKING_SIZE: AtomicIsize = AtomicIsize::new(-1);
 
@@ -71,43 +68,9 @@ unsafe extern "system" fn pre_create(
     }
     // SAFETY: valid related objects.
     let objects = unsafe { &*objects };
-    let mut path: Vec<u16> = r"\??\C:\backing.txt".encode_utf16().collect();
-    let bytes = u16::try_from(path.len() * 2).expect("short");
-    let object_name = UNICODE_STRING { Length: bytes, MaximumLength: bytes, Buffer: path.as_mut_ptr() };
-    let attributes = OBJECT_ATTRIBUTES {
-        Length: u32::try_from(size_of::<OBJECT_ATTRIBUTES>()).expect("small"),
-        RootDirectory: null_mut(),
-        ObjectName: &raw const object_name,
-        Attributes: OBJ_KERNEL_HANDLE,
-        SecurityDescriptor: std::ptr::null(),
-        SecurityQualityOfService: std::ptr::null(),
-    };
-    let mut handle: HANDLE = null_mut();
-    let mut file_object: *mut FILE_OBJECT = null_mut();
-    // SAFETY: all-zero is a valid IO_STATUS_BLOCK.
-    let mut io_status: IO_STATUS_BLOCK = unsafe { std::mem::zeroed() };
-    // SAFETY: live locals; this filter's instance.
-    let status = unsafe {
-        FltCreateFileEx2(
-            objects.Filter,
-            objects.Instance,
-            &raw mut handle,
-            &raw mut file_object,
-            FILE_READ_DATA | FILE_WRITE_DATA,
-            &raw const attributes,
-            &raw mut io_status,
-            std::ptr::null(),
-            0,
-            FILE_SHARE_READ | FILE_SHARE_WRITE,
-            FILE_OPEN,
-            0,
-            std::ptr::null(),
-            0,
-            IO_FORCE_ACCESS_CHECK,
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(status, STATUS_SUCCESS);
+    let (handle, file_object) =
+        open_file(objects.Filter, objects.Instance, r"\??\C:\backing.txt", OBJ_KERNEL_HANDLE, IO_FORCE_ACCESS_CHECK)
+            .expect("the backing file opens below this filter");
 
     // Append through a built write at FILE_WRITE_TO_END_OF_FILE.
     let mut built: *mut FLT_CALLBACK_DATA = null_mut();
@@ -183,15 +146,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> =
 
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(leak: bool) -> (fltsim::LoadedDriver, std::path::PathBuf) {
     LEAK.store(u8::from(leak), Ordering::SeqCst);

@@ -7,7 +7,7 @@ use std::{
     ptr::null_mut,
     sync::{
         Mutex,
-        atomic::{AtomicI32, AtomicIsize, AtomicU8, Ordering},
+        atomic::{AtomicI32, AtomicU8, Ordering},
     },
 };
 
@@ -16,20 +16,17 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::thread,
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
-    Wdk::{
-        Foundation::DRIVER_OBJECT,
-        Storage::FileSystem::Minifilters::{
-            FLT_CALLBACK_DATA, FLT_FILE_NAME_INFORMATION, FLT_FILE_NAME_NORMALIZED, FLT_FILE_NAME_OPENED,
-            FLT_FILE_NAME_QUERY_DEFAULT, FLT_FILE_NAME_SHORT, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS,
-            FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltGetFileNameInformation,
-            FltParseFileNameInformation, FltReleaseFileNameInformation,
-        },
+    Wdk::Storage::FileSystem::Minifilters::{
+        FLT_CALLBACK_DATA, FLT_FILE_NAME_INFORMATION, FLT_FILE_NAME_NORMALIZED, FLT_FILE_NAME_OPENED,
+        FLT_FILE_NAME_QUERY_DEFAULT, FLT_FILE_NAME_SHORT, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS,
+        FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltGetFileNameInformation,
+        FltParseFileNameInformation, FltReleaseFileNameInformation,
     },
-    Win32::Foundation::{NTSTATUS, STATUS_FLT_INVALID_NAME_REQUEST, STATUS_SUCCESS, UNICODE_STRING},
+    Win32::Foundation::{STATUS_FLT_INVALID_NAME_REQUEST, STATUS_SUCCESS, UNICODE_STRING},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -42,7 +39,6 @@ enum Mode {
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 static STATUS: AtomicI32 = AtomicI32::new(0);
 /// What one successful query returned: the format, then `Name`, `ParentDir`, `FinalComponent` and `Extension`.
 type Seen = (u32, String, String, String, String);
@@ -117,15 +113,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> =
 
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(mode: Mode) -> fltsim::LoadedDriver {
     MODE.store(mode as u8, Ordering::SeqCst);

@@ -7,7 +7,7 @@ use std::{
     ffi::c_void,
     sync::{
         Mutex,
-        atomic::{AtomicIsize, AtomicU8, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
 };
 
@@ -16,12 +16,11 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr, mm},
     kernel::thread,
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
     Wdk::{
-        Foundation::DRIVER_OBJECT,
         Storage::FileSystem::Minifilters::{
             FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_COMPLETE,
             FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FLTFL_IO_OPERATION_NON_CACHED,
@@ -30,7 +29,7 @@ use windows_sys::{
         System::SystemServices::IRP_PAGING_IO,
     },
     Win32::{
-        Foundation::{NTSTATUS, STATUS_INSUFFICIENT_RESOURCES, STATUS_SUCCESS, UNICODE_STRING},
+        Foundation::STATUS_INSUFFICIENT_RESOURCES,
         Storage::FileSystem::{FILE_READ_DATA, FILE_WRITE_DATA},
     },
 };
@@ -45,7 +44,6 @@ enum Mode {
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 /// (major, `IrpFlags`, IRQL, top-level IRP) of every read and write the filter saw.
 static SEEN: Mutex<Vec<(u8, u32, u8, usize)>> = Mutex::new(Vec::new());
 
@@ -120,15 +118,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 4]> = Table([
 
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(mode: Mode) -> (fltsim::LoadedDriver, std::path::PathBuf) {
     MODE.store(mode as u8, Ordering::SeqCst);

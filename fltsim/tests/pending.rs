@@ -6,7 +6,7 @@ use std::{
     ffi::c_void,
     sync::{
         Mutex,
-        atomic::{AtomicI32, AtomicIsize, AtomicU8, Ordering},
+        atomic::{AtomicI32, AtomicU8, Ordering},
     },
 };
 
@@ -15,12 +15,11 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::{process, thread},
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
     Wdk::{
-        Foundation::DRIVER_OBJECT,
         Storage::FileSystem::Minifilters::{
             FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_PENDING,
             FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_PREOP_SYNCHRONIZE, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
@@ -30,9 +29,7 @@ use windows_sys::{
         },
         System::SystemServices::{DelayedWorkQueue, PsGetCurrentProcessId},
     },
-    Win32::Foundation::{
-        NTSTATUS, STATUS_CANCELLED, STATUS_FLT_NOT_SAFE_TO_POST_OPERATION, STATUS_SUCCESS, UNICODE_STRING,
-    },
+    Win32::Foundation::{NTSTATUS, STATUS_CANCELLED, STATUS_FLT_NOT_SAFE_TO_POST_OPERATION, STATUS_SUCCESS},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -51,8 +48,6 @@ enum Mode {
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
-static UPPER: AtomicIsize = AtomicIsize::new(0);
-static LOWER: AtomicIsize = AtomicIsize::new(0);
 static QUEUE_STATUS: AtomicI32 = AtomicI32::new(0);
 /// What the lower filter saw in pre-create: (process id, thread name, IRQL).
 static SEEN_BELOW: Mutex<Vec<(usize, String, u8)>> = Mutex::new(Vec::new());
@@ -122,28 +117,12 @@ const fn operations(
 static UPPER_OPS: Table<[FLT_OPERATION_REGISTRATION; 2]> = Table(operations(upper_pre_create));
 static LOWER_OPS: Table<[FLT_OPERATION_REGISTRATION; 2]> = Table(operations(lower_pre_create));
 
-unsafe extern "system" fn upper_unload(_flags: u32) -> NTSTATUS {
-    unregister(&UPPER);
-    STATUS_SUCCESS
-}
-
-unsafe extern "system" fn lower_unload(_flags: u32) -> NTSTATUS {
-    unregister(&LOWER);
-    STATUS_SUCCESS
-}
-
 static UPPER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const UPPER_OPS.0).cast(), Some(upper_unload)));
+
+fltsim::minifilter_entry_points!(UPPER_REG, UPPER, upper_entry, upper_unload);
 static LOWER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const LOWER_OPS.0).cast(), Some(lower_unload)));
 
-unsafe extern "system" fn upper_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &UPPER_REG, &UPPER) }
-}
-
-unsafe extern "system" fn lower_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &LOWER_REG, &LOWER) }
-}
+fltsim::minifilter_entry_points!(LOWER_REG, LOWER, lower_entry, lower_unload);
 
 fn setup(mode: Mode) -> (fltsim::LoadedDriver, fltsim::LoadedDriver) {
     MODE.store(mode as u8, Ordering::SeqCst);

@@ -7,7 +7,7 @@ use std::{
     ffi::c_void,
     sync::{
         Mutex,
-        atomic::{AtomicIsize, AtomicU8, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
 };
 
@@ -16,25 +16,20 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr, mm},
     kernel::{irql, thread},
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
-use windows_sys::{
-    Wdk::{
-        Foundation::DRIVER_OBJECT,
-        Storage::FileSystem::{
-            FileStandardInformation,
-            Minifilters::{
-                FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_POSTOP_CALLBACK_STATUS,
-                FLT_POSTOP_FINISHED_PROCESSING, FLT_POSTOP_MORE_PROCESSING_REQUIRED, FLT_REGISTRATION,
-                FLT_RELATED_OBJECTS, FltAllocateDeferredIoWorkItem, FltCompletePendedPostOperation,
-                FltDoCompletionProcessingWhenSafe, FltFreeDeferredIoWorkItem, FltQueueDeferredIoWorkItem,
-                PFLT_DEFERRED_IO_WORKITEM,
-            },
+use windows_sys::Wdk::{
+    Storage::FileSystem::{
+        FileStandardInformation,
+        Minifilters::{
+            FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_POSTOP_CALLBACK_STATUS, FLT_POSTOP_FINISHED_PROCESSING,
+            FLT_POSTOP_MORE_PROCESSING_REQUIRED, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltAllocateDeferredIoWorkItem,
+            FltCompletePendedPostOperation, FltDoCompletionProcessingWhenSafe, FltFreeDeferredIoWorkItem,
+            FltQueueDeferredIoWorkItem, PFLT_DEFERRED_IO_WORKITEM,
         },
-        System::SystemServices::DelayedWorkQueue,
     },
-    Win32::Foundation::{NTSTATUS, STATUS_SUCCESS, UNICODE_STRING},
+    System::SystemServices::DelayedWorkQueue,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -57,8 +52,6 @@ enum Mode {
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
-static UPPER: AtomicIsize = AtomicIsize::new(0);
-static LOWER: AtomicIsize = AtomicIsize::new(0);
 /// What happened, in order.
 static LOG: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -251,28 +244,12 @@ static LOWER_OPS: Table<[FLT_OPERATION_REGISTRATION; 4]> = Table([
     operation(END, None, None),
 ]);
 
-unsafe extern "system" fn upper_unload(_flags: u32) -> NTSTATUS {
-    unregister(&UPPER);
-    STATUS_SUCCESS
-}
-
-unsafe extern "system" fn lower_unload(_flags: u32) -> NTSTATUS {
-    unregister(&LOWER);
-    STATUS_SUCCESS
-}
-
 static UPPER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const UPPER_OPS.0).cast(), Some(upper_unload)));
+
+fltsim::minifilter_entry_points!(UPPER_REG, UPPER, upper_entry, upper_unload);
 static LOWER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const LOWER_OPS.0).cast(), Some(lower_unload)));
 
-unsafe extern "system" fn upper_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &UPPER_REG, &UPPER) }
-}
-
-unsafe extern "system" fn lower_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &LOWER_REG, &LOWER) }
-}
+fltsim::minifilter_entry_points!(LOWER_REG, LOWER, lower_entry, lower_unload);
 
 fn setup(mode: Mode) -> (fltsim::LoadedDriver, fltsim::LoadedDriver) {
     MODE.store(mode as u8, Ordering::SeqCst);

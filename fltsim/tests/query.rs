@@ -6,7 +6,7 @@ use std::{
     ptr::null_mut,
     sync::{
         Mutex,
-        atomic::{AtomicIsize, AtomicU32, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
 };
 
@@ -14,12 +14,11 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::process,
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
     Wdk::{
-        Foundation::DRIVER_OBJECT,
         Storage::FileSystem::{
             IoReplaceFileObjectName,
             Minifilters::{
@@ -36,7 +35,6 @@ use windows_sys::{
     },
 };
 
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 static REQUESTOR: AtomicU32 = AtomicU32::new(0);
 static GUID_NAME: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -100,15 +98,7 @@ static REGISTRATION: Table<FLT_REGISTRATION> = Table(FLT_REGISTRATION {
     ..registration((&raw const OPERATIONS.0).cast(), Some(unload))
 });
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 scenario! {
     fn a_create_replaced_and_reparsed_opens_the_new_name() {

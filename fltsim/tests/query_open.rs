@@ -6,36 +6,29 @@ use std::{
     ffi::c_void,
     sync::{
         Mutex,
-        atomic::{AtomicIsize, AtomicU8, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
 };
 
 use fltsim::{
     io::{self, VolumeSpec, iomgr},
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
-    Wdk::{
-        Foundation::DRIVER_OBJECT,
-        Storage::FileSystem::{
-            FILE_STAT_INFORMATION, FileStatInformation,
-            Minifilters::{
-                FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_POSTOP_CALLBACK_STATUS,
-                FLT_POSTOP_DISALLOW_FSFILTER_IO, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_DISALLOW_FSFILTER_IO,
-                FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_PREOP_SUCCESS_WITH_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
-                FLTFL_CALLBACK_DATA_FS_FILTER_OPERATION, IRP_MJ_QUERY_OPEN,
-            },
+    Wdk::Storage::FileSystem::{
+        FILE_STAT_INFORMATION, FileStatInformation,
+        Minifilters::{
+            FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_POSTOP_CALLBACK_STATUS, FLT_POSTOP_DISALLOW_FSFILTER_IO,
+            FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_DISALLOW_FSFILTER_IO, FLT_PREOP_SUCCESS_NO_CALLBACK,
+            FLT_PREOP_SUCCESS_WITH_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
+            FLTFL_CALLBACK_DATA_FS_FILTER_OPERATION, IRP_MJ_QUERY_OPEN,
         },
     },
-    Win32::{
-        Foundation::{NTSTATUS, STATUS_SUCCESS, UNICODE_STRING},
-        Storage::FileSystem::FILE_READ_ATTRIBUTES,
-    },
+    Win32::Storage::FileSystem::FILE_READ_ATTRIBUTES,
 };
 
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 /// 0: let the fast path through; 1: refuse it in pre; 2: refuse it in post.
 static MODE: AtomicU8 = AtomicU8::new(0);
 /// What the filter saw: "query-open (fs filter op)" or "create".
@@ -85,15 +78,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 3]> = Table([
 ]);
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 /// Queries `C:\dir\file.txt` by name with the filter in `mode`; returns whether the fast path answered, the file's
 /// size as answered, and what the filter saw.

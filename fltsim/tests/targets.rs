@@ -2,20 +2,16 @@
 //! (`SL_OPEN_TARGET_DIRECTORY`, handed to the set as `ParentOfTarget`), and opens by file ID, whose file object
 //! names the ID's bytes.
 
-use std::{
-    ffi::c_void,
-    sync::{Mutex, atomic::AtomicIsize},
-};
+use std::{ffi::c_void, sync::Mutex};
 
 use fltsim::{
     io::{self, VolumeSpec, info, iomgr},
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
     Wdk::{
-        Foundation::DRIVER_OBJECT,
         Storage::FileSystem::{
             FILE_OPEN_BY_FILE_ID, FileInternalInformation, FileRenameInformation,
             Minifilters::{
@@ -27,13 +23,11 @@ use windows_sys::{
         System::SystemServices::SL_OPEN_TARGET_DIRECTORY,
     },
     Win32::{
-        Foundation::{NTSTATUS, STATUS_NOT_SAME_DEVICE, STATUS_SUCCESS, UNICODE_STRING},
+        Foundation::STATUS_NOT_SAME_DEVICE,
         Storage::FileSystem::{DELETE, FILE_READ_DATA, FILE_SHARE_DELETE, FILE_SHARE_READ, FILE_SHARE_WRITE},
         System::WindowsProgramming::{FILE_DOES_NOT_EXIST, FILE_EXISTS},
     },
 };
-
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 
 /// What the filter saw, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,15 +103,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 3]> = Table([
 ]);
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn units(text: &str) -> Vec<u16> {
     text.encode_utf16().collect()

@@ -2,34 +2,29 @@
 //! promise to the filter below: a create replayed from a system worker, and reads at APC_LEVEL, in a guarded
 //! region and with a top-level IRP set.
 
-use std::{
-    ffi::c_void,
-    sync::{Mutex, atomic::AtomicIsize},
-};
+use std::{ffi::c_void, sync::Mutex};
 
 use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::{process, thread},
     scenario,
     testfilters::{
-        build::{END, Table, operation, register_and_start, registration, unregister},
+        build::{END, Table, operation, registration},
         context_reader, poster,
     },
     verifier::take_reports,
 };
 use windows_sys::{
     Wdk::{
-        Foundation::DRIVER_OBJECT,
         Storage::FileSystem::Minifilters::{
             FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_SUCCESS_NO_CALLBACK,
             FLT_REGISTRATION, FLT_RELATED_OBJECTS,
         },
         System::SystemServices::PsGetCurrentProcessId,
     },
-    Win32::Foundation::{NTSTATUS, STATUS_SUCCESS, UNICODE_STRING},
+    Win32::Foundation::STATUS_SUCCESS,
 };
 
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 /// What the filter below saw: (major, process id, IRQL, guarded regions, top-level IRP).
 type Seen = (u8, usize, u8, u32, usize);
 static SEEN: Mutex<Vec<Seen>> = Mutex::new(Vec::new());
@@ -55,15 +50,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 3]> =
 
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup() {
     let root = std::env::temp_dir().join(format!("fltsim-testfilters-{}", std::process::id()));

@@ -5,7 +5,7 @@
 use std::{
     ffi::c_void,
     ptr::null_mut,
-    sync::atomic::{AtomicI32, AtomicIsize, AtomicU32, Ordering},
+    sync::atomic::{AtomicI32, AtomicU32, Ordering},
 };
 
 use fltsim::{
@@ -13,12 +13,12 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     kernel::thread,
     scenario,
-    testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
+    testfilters::build::{END, Table, operation, registration},
     verifier::take_reports,
 };
 use windows_sys::{
     Wdk::{
-        Foundation::{DRIVER_OBJECT, OBJECT_ATTRIBUTES},
+        Foundation::OBJECT_ATTRIBUTES,
         Storage::FileSystem::{
             FILE_OPEN, FILE_SYNCHRONOUS_IO_NONALERT,
             Minifilters::{
@@ -30,15 +30,13 @@ use windows_sys::{
     },
     Win32::{
         Foundation::{
-            HANDLE, NTSTATUS, OBJ_FORCE_ACCESS_CHECK, OBJ_KERNEL_HANDLE, STATUS_POSSIBLE_DEADLOCK, STATUS_SUCCESS,
-            UNICODE_STRING,
+            HANDLE, OBJ_FORCE_ACCESS_CHECK, OBJ_KERNEL_HANDLE, STATUS_POSSIBLE_DEADLOCK, STATUS_SUCCESS, UNICODE_STRING,
         },
         Storage::FileSystem::{FILE_READ_DATA, FILE_SHARE_READ},
         System::IO::IO_STATUS_BLOCK,
     },
 };
 
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 static ATTRIBUTES: AtomicU32 = AtomicU32::new(OBJ_KERNEL_HANDLE);
 static CREATE_STATUS: AtomicI32 = AtomicI32::new(0);
 
@@ -118,15 +116,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> =
 
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(attributes: u32) -> fltsim::LoadedDriver {
     ATTRIBUTES.store(attributes, Ordering::SeqCst);

@@ -57,16 +57,27 @@ use std::{
 
 use windows_sys::{
     Wdk::{
-        Foundation::DRIVER_OBJECT,
-        Storage::FileSystem::Minifilters::{
-            FLT_OPERATION_REGISTRATION, FLT_REGISTRATION, FLT_REGISTRATION_VERSION, IRP_MJ_OPERATION_END, PFLT_FILTER,
-            PFLT_FILTER_UNLOAD_CALLBACK, PFLT_POST_OPERATION_CALLBACK, PFLT_PRE_OPERATION_CALLBACK,
+        Foundation::{DRIVER_OBJECT, FILE_OBJECT, OBJECT_ATTRIBUTES},
+        Storage::FileSystem::{
+            FILE_OPEN,
+            Minifilters::{
+                FLT_OPERATION_REGISTRATION, FLT_REGISTRATION, FLT_REGISTRATION_VERSION, IRP_MJ_OPERATION_END,
+                PFLT_FILTER, PFLT_FILTER_UNLOAD_CALLBACK, PFLT_INSTANCE, PFLT_POST_OPERATION_CALLBACK,
+                PFLT_PRE_OPERATION_CALLBACK,
+            },
         },
     },
-    Win32::Foundation::NTSTATUS,
+    Win32::{
+        Foundation::{HANDLE, NTSTATUS, UNICODE_STRING},
+        Storage::FileSystem::{FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA},
+        System::IO::IO_STATUS_BLOCK,
+    },
 };
 
-use crate::fltmgr::registration::{FltRegisterFilter, FltStartFiltering, FltUnregisterFilter};
+use crate::fltmgr::{
+    fileio::FltCreateFileEx2,
+    registration::{FltRegisterFilter, FltStartFiltering, FltUnregisterFilter},
+};
 
 /// An immutable static table of plain data and function pointers: the operation, context and filter registrations
 /// hold raw pointers, so they are not `Sync` and cannot be put in a `static` on their own.
@@ -186,4 +197,87 @@ pub unsafe fn register_and_start(
 /// The usual unload body: `FltUnregisterFilter` of the filter stored in `filter`.
 pub fn unregister(filter: &AtomicIsize) {
     FltUnregisterFilter(filter.load(Ordering::SeqCst));
+}
+
+/// Opens the existing file `path` (an object name such as `\\??\\C:\\backing.txt`) for reading and writing, sharing
+/// both, with `FltCreateFileEx2` from `filter` below `instance` (0: from the top of the stack), with `attributes`
+/// (`OBJ_KERNEL_HANDLE` or 0) and `flags` (`IO_FORCE_ACCESS_CHECK` or 0). Returns the handle and the referenced
+/// file object, which the caller closes (`FltClose`) and dereferences (`ObDereferenceObject`).
+///
+/// # Errors
+/// The status of `FltCreateFileEx2`.
+pub fn open_file(
+    filter: PFLT_FILTER,
+    instance: PFLT_INSTANCE,
+    path: &str,
+    attributes: u32,
+    flags: u32,
+) -> Result<(HANDLE, *mut FILE_OBJECT), NTSTATUS> {
+    let mut path: Vec<u16> = path.encode_utf16().collect();
+    let bytes = u16::try_from(path.len().saturating_mul(2)).unwrap_or(u16::MAX);
+    let object_name = UNICODE_STRING { Length: bytes, MaximumLength: bytes, Buffer: path.as_mut_ptr() };
+    let attributes = OBJECT_ATTRIBUTES {
+        Length: u32::try_from(size_of::<OBJECT_ATTRIBUTES>()).unwrap_or(u32::MAX),
+        RootDirectory: null_mut(),
+        ObjectName: &raw const object_name,
+        Attributes: attributes,
+        SecurityDescriptor: std::ptr::null(),
+        SecurityQualityOfService: std::ptr::null(),
+    };
+    let mut handle: HANDLE = null_mut();
+    let mut file_object: *mut FILE_OBJECT = null_mut();
+    // SAFETY: all-zero is a valid IO_STATUS_BLOCK.
+    let mut io_status: IO_STATUS_BLOCK = unsafe { std::mem::zeroed() };
+    // SAFETY: every pointer refers to a live local; the filter and instance are the caller's.
+    let status = unsafe {
+        FltCreateFileEx2(
+            filter,
+            instance,
+            &raw mut handle,
+            &raw mut file_object,
+            FILE_READ_DATA | FILE_WRITE_DATA,
+            &raw const attributes,
+            &raw mut io_status,
+            std::ptr::null(),
+            0,
+            FILE_SHARE_READ | FILE_SHARE_WRITE,
+            FILE_OPEN,
+            0,
+            std::ptr::null(),
+            0,
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if status < 0 { Err(status) } else { Ok((handle, file_object)) }
+}
+
+/// Defines a test minifilter's entry points over its static registration: a static `AtomicIsize` for the filter
+/// handle, a `DriverEntry` that registers and starts the filter ([`register_and_start`]), and an unload callback
+/// that unregisters it ([`unregister`]) and returns `STATUS_SUCCESS`. The registration names the unload callback.
+///
+/// `minifilter_entry_points!(REGISTRATION)` names them `FILTER`, `driver_entry` and `unload`;
+/// `minifilter_entry_points!(REGISTRATION, FILTER, driver_entry, unload)` names them explicitly, for a test that
+/// loads several filters.
+#[macro_export]
+macro_rules! minifilter_entry_points {
+    ($registration:ident) => {
+        $crate::minifilter_entry_points!($registration, FILTER, driver_entry, unload);
+    };
+    ($registration:ident, $filter:ident, $entry:ident, $unload:ident) => {
+        static $filter: ::std::sync::atomic::AtomicIsize = ::std::sync::atomic::AtomicIsize::new(0);
+
+        unsafe extern "system" fn $entry(
+            driver: *const ::windows_sys::Wdk::Foundation::DRIVER_OBJECT,
+            _path: *const ::windows_sys::Win32::Foundation::UNICODE_STRING,
+        ) -> ::windows_sys::Win32::Foundation::NTSTATUS {
+            // SAFETY: the loader's driver object and a static registration.
+            unsafe { $crate::testfilters::build::register_and_start(driver, &$registration, &$filter) }
+        }
+
+        unsafe extern "system" fn $unload(_flags: u32) -> ::windows_sys::Win32::Foundation::NTSTATUS {
+            $crate::testfilters::build::unregister(&$filter);
+            ::windows_sys::Win32::Foundation::STATUS_SUCCESS
+        }
+    };
 }

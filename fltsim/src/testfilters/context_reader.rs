@@ -6,22 +6,22 @@
 use std::{
     ffi::c_void,
     ptr::null_mut,
-    sync::{Mutex, PoisonError, atomic::AtomicIsize},
+    sync::{Mutex, PoisonError},
 };
 
 use windows_sys::{
     Wdk::{
-        Foundation::{DRIVER_OBJECT, FILE_OBJECT},
+        Foundation::FILE_OBJECT,
         Storage::FileSystem::Minifilters::{
             FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_POSTOP_CALLBACK_STATUS, FLT_POSTOP_FINISHED_PROCESSING,
             FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_SUCCESS_WITH_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS,
             FltAllocateCallbackData, FltFreeCallbackData, FltPerformSynchronousIo, PFLT_INSTANCE,
         },
     },
-    Win32::Foundation::{NTSTATUS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, UNICODE_STRING},
+    Win32::Foundation::{NTSTATUS, STATUS_INVALID_PARAMETER},
 };
 
-use super::build::{END, Table, operation, register_and_start, registration, unregister};
+use super::build::{END, Table, operation, registration};
 use crate::{
     LoadError, LoadedDriver,
     io::mm::FSRTL_CACHE_TOP_LEVEL_IRP,
@@ -48,7 +48,6 @@ pub enum Context {
     TopLevelIrp,
 }
 
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 /// The last opened file object and the instance that saw it.
 static LAST: Mutex<Option<(usize, PFLT_INSTANCE)>> = Mutex::new(None);
 
@@ -82,15 +81,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> =
     Table([operation(0, Some(pre_create), Some(post_create)), operation(END, None, None)]);
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+crate::minifilter_entry_points!(REGISTRATION);
 
 /// Installs and loads the reader.
 ///

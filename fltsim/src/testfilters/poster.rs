@@ -5,24 +5,20 @@
 
 use std::{
     ffi::c_void,
-    sync::atomic::{AtomicIsize, AtomicUsize, Ordering},
+    sync::atomic::{AtomicUsize, Ordering},
 };
 
-use windows_sys::{
-    Wdk::{
-        Foundation::DRIVER_OBJECT,
-        Storage::FileSystem::Minifilters::{
-            FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_PENDING,
-            FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltAllocateDeferredIoWorkItem,
-            FltCompletePendedPreOperation, FltFreeDeferredIoWorkItem, FltQueueDeferredIoWorkItem,
-            PFLT_DEFERRED_IO_WORKITEM,
-        },
-        System::SystemServices::DelayedWorkQueue,
+use windows_sys::Wdk::{
+    Storage::FileSystem::Minifilters::{
+        FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_PENDING,
+        FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltAllocateDeferredIoWorkItem,
+        FltCompletePendedPreOperation, FltFreeDeferredIoWorkItem, FltQueueDeferredIoWorkItem,
+        PFLT_DEFERRED_IO_WORKITEM,
     },
-    Win32::Foundation::{NTSTATUS, STATUS_SUCCESS, UNICODE_STRING},
+    System::SystemServices::DelayedWorkQueue,
 };
 
-use super::build::{END, Table, operation, register_and_start, registration, unregister};
+use super::build::{END, Table, operation, registration};
 use crate::{LoadError, LoadedDriver, registry};
 
 /// The service name.
@@ -31,7 +27,6 @@ pub const SERVICE: &str = "fltsim-poster";
 /// Its altitude: in the antivirus range, far above Shunt's.
 pub const ALTITUDE: &str = "328000";
 
-static FILTER: AtomicIsize = AtomicIsize::new(0);
 static REPLAYED: AtomicUsize = AtomicUsize::new(0);
 
 /// How many creates it replayed from a worker.
@@ -78,15 +73,7 @@ static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 2]> =
     Table([operation(0, Some(pre_create), None), operation(END, None, None)]);
 static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
 
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    unsafe { register_and_start(driver, &REGISTRATION, &FILTER) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
+crate::minifilter_entry_points!(REGISTRATION);
 
 /// Installs and loads the poster.
 ///
