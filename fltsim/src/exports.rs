@@ -380,6 +380,55 @@ pub const EXPORTS: &[Export] = &[
         "fltkernel/nf-fltkernel-fltgetstreamcontext"
     ),
     export!(
+        "FltSetInstanceContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; an attached instance (or one in its InstanceSetup); an unattached FLT_INSTANCE_CONTEXT of its filter; a defined operation; KEEP_IF_EXISTS answers STATUS_FLT_CONTEXT_ALREADY_DEFINED with the existing one referenced in OldContext, REPLACE_IF_EXISTS hands back the replaced one; released at instance teardown or a refused InstanceSetup",
+        "fltkernel/nf-fltkernel-fltsetinstancecontext"
+    ),
+    export!(
+        "FltGetInstanceContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; an attached instance; a referenced context or STATUS_NOT_FOUND",
+        "fltkernel/nf-fltkernel-fltgetinstancecontext"
+    ),
+    export!(
+        "FltSetVolumeContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a mounted volume; an unattached FLT_VOLUME_CONTEXT (one per filter per volume, the context's filter); a defined operation; KEEP/REPLACE_IF_EXISTS as FltSetInstanceContext; released when the filter unregisters",
+        "fltkernel/nf-fltkernel-fltsetvolumecontext"
+    ),
+    export!(
+        "FltGetVolumeContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; a registered filter; a mounted volume; the filter's context referenced, or STATUS_NOT_FOUND",
+        "fltkernel/nf-fltkernel-fltgetvolumecontext"
+    ),
+    export!(
+        "FltSetFileContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; an attached instance; an opened file object (not in pre-create); an unattached FLT_FILE_CONTEXT of its filter; one per instance per file ID (shared by the file's links and streams); KEEP/REPLACE_IF_EXISTS as FltSetInstanceContext; STATUS_NOT_SUPPORTED off NTFS/ReFS; released when the file's last file object closes or the instance is torn down",
+        "fltkernel/nf-fltkernel-fltsetfilecontext"
+    ),
+    export!(
+        "FltGetFileContext",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; an attached instance; an opened file object; the file's context referenced, or STATUS_NOT_FOUND; STATUS_NOT_SUPPORTED off NTFS/ReFS",
+        "fltkernel/nf-fltkernel-fltgetfilecontext"
+    ),
+    export!(
+        "FltSupportsFileContexts",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; TRUE for an opened file object on NTFS or ReFS, FALSE before the file system opened it or elsewhere",
+        "fltkernel/nf-fltkernel-fltsupportsfilecontexts"
+    ),
+    export!(
         "FltGetRequestorProcess",
         "fltmgr.sys",
         "DISPATCH_LEVEL",
@@ -448,6 +497,13 @@ pub const EXPORTS: &[Export] = &[
         "APC_LEVEL",
         "IRQL; allocated data; enters below the allocating instance; reads, writes (FILE_WRITE_TO_END_OF_FILE appends atomically), query and set information; other majors are reported as not modelled",
         "fltkernel/nf-fltkernel-fltperformsynchronousio"
+    ),
+    export!(
+        "FltPerformAsynchronousIo",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "PASSIVE_LEVEL (APC_LEVEL with IRP_PAGING_IO); allocated data not in flight; a CallbackRoutine; IRP-based, not IRP_MJ_CREATE (STATUS_FLT_INVALID_ASYNCHRONOUS_REQUEST); enters below the allocating instance and returns STATUS_PENDING; the callback runs on a system worker at a seeded IRQL <= DISPATCH_LEVEL (on failure, before the call returns); freeing or performing the data before the callback is reported; outstanding at unload is async-io-outstanding-at-unload",
+        "fltkernel/nf-fltkernel-fltperformasynchronousio"
     ),
     export!(
         "FltFreeCallbackData",

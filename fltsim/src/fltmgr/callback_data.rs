@@ -1,11 +1,19 @@
-//! Filter-built operations: `FltAllocateCallbackData`, `FltPerformSynchronousIo`, `FltFreeCallbackData`, and the
-//! information routines `FltQueryInformationFile` / `FltSetInformationFile`, and `FltFlushBuffers` /
+//! Filter-built operations: `FltAllocateCallbackData`, `FltPerformSynchronousIo`, `FltPerformAsynchronousIo`,
+//! `FltFreeCallbackData`, and the information routines `FltQueryInformationFile` / `FltSetInformationFile`, and `FltFlushBuffers` /
 //! `FltFlushBuffers2`.
 //!
 //! The operation a filter builds enters the stack below its instance, like every other filter-initiated I/O. The
 //! model performs reads, writes (including a write at `FILE_WRITE_TO_END_OF_FILE`, which the file system appends
 //! atomically — the documented way to append, since `FltWriteFileEx` does not support that offset), and query and
 //! set information; other operations are reported as not modelled yet.
+//!
+//! `FltPerformAsynchronousIo` sends the operation down the stack in the caller's context, as `FltReadFileEx` with a
+//! callback does, and always pends it: the call returns `STATUS_PENDING`, and the callback runs later on a system
+//! worker at a seeded IRQL no higher than DISPATCH_LEVEL, through the asynchronous completion machinery of
+//! [`super::fileio`] (the request holds a file object reference until the callback returns; I/O outstanding when
+//! the filter unloads is [`Rule::AsyncIoOutstandingAtUnload`]). Until the callback runs the data is in flight:
+//! freeing it or performing it again is reported. A call that fails still calls the callback, before it returns,
+//! as the docs say Filter Manager always does.
 
 use std::{
     collections::BTreeMap,
@@ -20,19 +28,25 @@ use windows_sys::{
             FILE_INFORMATION_CLASS,
             Minifilters::{
                 FLT_CALLBACK_DATA, FLT_FLUSH_TYPE_DATA_SYNC_ONLY, FLT_FLUSH_TYPE_FILE_DATA_ONLY,
-                FLT_FLUSH_TYPE_FLUSH_AND_PURGE, FLT_FLUSH_TYPE_NO_SYNC, PFLT_FILTER, PFLT_INSTANCE,
+                FLT_FLUSH_TYPE_FLUSH_AND_PURGE, FLT_FLUSH_TYPE_NO_SYNC, FLTFL_CALLBACK_DATA_IRP_OPERATION,
+                PFLT_COMPLETED_ASYNC_IO_CALLBACK, PFLT_CONTEXT, PFLT_FILTER, PFLT_INSTANCE,
             },
         },
         System::SystemServices::{
-            IRP_MJ_QUERY_INFORMATION, IRP_MJ_READ, IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE, IRP_MN_FLUSH_AND_PURGE,
-            IRP_MN_FLUSH_DATA_ONLY, IRP_MN_FLUSH_DATA_SYNC_ONLY, IRP_MN_FLUSH_NO_SYNC,
+            IRP_MJ_CREATE, IRP_MJ_QUERY_INFORMATION, IRP_MJ_READ, IRP_MJ_SET_INFORMATION, IRP_MJ_WRITE,
+            IRP_MN_FLUSH_AND_PURGE, IRP_MN_FLUSH_DATA_ONLY, IRP_MN_FLUSH_DATA_SYNC_ONLY, IRP_MN_FLUSH_NO_SYNC,
+            IRP_NOCACHE, IRP_PAGING_IO,
         },
     },
-    Win32::Foundation::{NTSTATUS, STATUS_INVALID_PARAMETER, STATUS_NOT_IMPLEMENTED, STATUS_SUCCESS},
+    Win32::Foundation::{
+        NTSTATUS, STATUS_FILE_CLOSED, STATUS_FLT_INVALID_ASYNCHRONOUS_REQUEST, STATUS_INVALID_PARAMETER,
+        STATUS_NOT_IMPLEMENTED, STATUS_SUCCESS,
+    },
 };
 
 use super::{
-    dispatch::{Origin, Request, dispatch},
+    dispatch::{Origin, Request, dispatch, servicing_paging_io},
+    fileio,
     instance::instances,
 };
 use crate::{
@@ -46,6 +60,8 @@ const ALLOCATE_DOCS: &str =
     "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltallocatecallbackdata";
 const PERFORM_DOCS: &str =
     "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltperformsynchronousio";
+const PERFORM_ASYNC_DOCS: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltperformasynchronousio";
 const QUERY_DOCS: &str =
     "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltqueryinformationfile";
 
@@ -55,6 +71,7 @@ const WRITE_TO_END_OF_FILE: i64 = -1;
 const USE_FILE_POINTER_POSITION: i64 = -2;
 
 struct Allocated {
+    /// `None` while the operation is in flight (`FltPerformSynchronousIo` or `FltPerformAsynchronousIo`).
     request: Option<Box<Request>>,
     filter: PFLT_FILTER,
     instance: PFLT_INSTANCE,
@@ -119,8 +136,29 @@ pub extern "system" fn FltFreeCallbackData(callback_data: *const FLT_CALLBACK_DA
         if !thread::require_irql_at_most(API, irql::DISPATCH, ALLOCATE_DOCS) {
             return;
         }
-        if allocated().remove(&(callback_data as usize)).is_none() {
-            verifier::report(Rule::InvalidArgument, API, format!("{callback_data:?} is not allocated callback data"));
+        let mut all = allocated();
+        match all.get(&(callback_data as usize)) {
+            None => {
+                verifier::report(
+                    Rule::InvalidArgument,
+                    API,
+                    format!("{callback_data:?} is not allocated callback data"),
+                );
+            }
+            Some(slot) if slot.request.is_none() => {
+                // Left allocated: the I/O still uses it, and its completion hands it back.
+                verifier::report(
+                    Rule::InvalidArgument,
+                    API,
+                    format!(
+                        "{callback_data:?} is freed while its I/O is in flight: callback data may be freed or \
+                         reused only after the FltPerformAsynchronousIo callback has been called (see {PERFORM_ASYNC_DOCS})"
+                    ),
+                );
+            }
+            Some(_) => {
+                all.remove(&(callback_data as usize));
+            }
         }
     });
 }
@@ -138,7 +176,13 @@ unsafe fn driver_bytes(buffer: *const c_void, length: u32) -> Vec<u8> {
 }
 
 /// What the file system does for a filter-built operation.
-fn perform(request: &mut Request, open: fs::OpenId, volume: &crate::io::Volume, file_object: *mut FILE_OBJECT) {
+fn perform(
+    api: &'static str,
+    request: &mut Request,
+    open: fs::OpenId,
+    volume: &crate::io::Volume,
+    file_object: *mut FILE_OBJECT,
+) {
     let major = u32::from(request.iopb().MajorFunction);
     // SAFETY: the file object is open (checked at allocation and again by the caller).
     let current = unsafe { file_object.as_ref() }.map_or(0, |f| f.CurrentByteOffset);
@@ -207,7 +251,7 @@ fn perform(request: &mut Request, open: fs::OpenId, volume: &crate::io::Volume, 
         other => {
             verifier::report(
                 Rule::UnsupportedByModel,
-                "FltPerformSynchronousIo",
+                api,
                 format!("major function {other:#04x} is not modelled for filter-built operations yet"),
             );
             request.complete(STATUS_NOT_IMPLEMENTED, 0);
@@ -215,8 +259,71 @@ fn perform(request: &mut Request, open: fs::OpenId, volume: &crate::io::Volume, 
     }
 }
 
-/// `FltPerformSynchronousIo`: ≤ APC_LEVEL; data from `FltAllocateCallbackData`; the operation enters below the
-/// allocating instance and completes before the call returns, in `IoStatus`.
+/// Takes allocated callback data's request out of its slot for an operation, reporting data that is not allocated
+/// or is already in flight. Returns the request, its instance and its filter.
+fn take_request(
+    api: &'static str,
+    callback_data: *const FLT_CALLBACK_DATA,
+) -> Option<(Box<Request>, PFLT_INSTANCE, PFLT_FILTER)> {
+    let mut all = allocated();
+    let Some(slot) = all.get_mut(&(callback_data as usize)) else {
+        verifier::report(Rule::InvalidArgument, api, format!("{callback_data:?} is not allocated callback data"));
+        return None;
+    };
+    let Some(request) = slot.request.take() else {
+        verifier::report(
+            Rule::InvalidArgument,
+            api,
+            format!(
+                "{callback_data:?} is already in flight: callback data may be reused only after its I/O has \
+                 completed (for FltPerformAsynchronousIo, after its callback has been called; see {PERFORM_ASYNC_DOCS})"
+            ),
+        );
+        return None;
+    };
+    Some((request, slot.instance, slot.filter))
+}
+
+/// Hands a request back to its allocation once its operation is over; the data may since have been freed (only
+/// when the driver broke the rules, which was reported), in which case the request is dropped.
+fn give_back(key: usize, request: Box<Request>) {
+    if let Some(slot) = allocated().get_mut(&key) {
+        slot.request = Some(request);
+    }
+}
+
+/// Reports a cached read or write built while this thread services paging I/O.
+fn check_paging_path(api: &'static str, request: &mut Request) {
+    let irp_flags = request.iopb().IrpFlags;
+    let major = u32::from(request.iopb().MajorFunction);
+    let data_io = major == IRP_MJ_READ || major == IRP_MJ_WRITE;
+    let uncached = irp_flags & (IRP_NOCACHE | IRP_PAGING_IO) != 0;
+    if data_io && !uncached && servicing_paging_io() {
+        verifier::report(
+            Rule::CachedIoFromPagingPath,
+            api,
+            "a cached read or write built while this thread services paging I/O (set IRP_NOCACHE)",
+        );
+    }
+}
+
+/// Sends a built operation down the stack below its allocating instance; it is complete (in `IoStatus`) on return.
+fn send(api: &'static str, request: &mut Request, instance: PFLT_INSTANCE) {
+    let file_object = request.iopb().TargetFileObject;
+    match (iomgr::describe(file_object), attached(instance)) {
+        (Some(file), Some((_, volume))) if file.handle_open => {
+            let open = file.open;
+            dispatch(volume, request, |request| match open {
+                Some(open) => perform(api, request, open, &file.volume, file_object),
+                None => request.complete(STATUS_INVALID_PARAMETER, 0),
+            });
+        }
+        _ => request.complete(STATUS_FILE_CLOSED, 0),
+    }
+}
+
+/// `FltPerformSynchronousIo`: ≤ APC_LEVEL; data from `FltAllocateCallbackData`, not in flight; the operation enters
+/// below the allocating instance and completes before the call returns, in `IoStatus`.
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltperformsynchronousio>.
 #[unsafe(no_mangle)]
 pub extern "system" fn FltPerformSynchronousIo(callback_data: *mut FLT_CALLBACK_DATA) {
@@ -225,45 +332,130 @@ pub extern "system" fn FltPerformSynchronousIo(callback_data: *mut FLT_CALLBACK_
         if !thread::require_irql_at_most(API, irql::APC, PERFORM_DOCS) {
             return;
         }
-        let taken =
-            allocated().get_mut(&(callback_data as usize)).and_then(|a| a.request.take().map(|r| (r, a.instance)));
-        let Some((mut request, instance)) = taken else {
-            verifier::report(
-                Rule::InvalidArgument,
-                API,
-                format!("{callback_data:?} is not allocated callback data (or is in use)"),
-            );
-            return;
-        };
-        let file_object = request.iopb().TargetFileObject;
-        let irp_flags = request.iopb().IrpFlags;
-        let major = u32::from(request.iopb().MajorFunction);
-        let data_io = major == IRP_MJ_READ || major == IRP_MJ_WRITE;
-        let uncached = irp_flags
-            & (windows_sys::Wdk::System::SystemServices::IRP_NOCACHE
-                | windows_sys::Wdk::System::SystemServices::IRP_PAGING_IO)
-            != 0;
-        if data_io && !uncached && super::dispatch::servicing_paging_io() {
-            verifier::report(
-                Rule::CachedIoFromPagingPath,
-                API,
-                "a cached read or write built while this thread services paging I/O (set IRP_NOCACHE)",
-            );
-        }
-        match (iomgr::describe(file_object), attached(instance)) {
-            (Some(file), Some((_, volume))) if file.handle_open => {
-                let open = file.open;
-                dispatch(volume, &mut request, |request| match open {
-                    Some(open) => perform(request, open, &file.volume, file_object),
-                    None => request.complete(STATUS_INVALID_PARAMETER, 0),
-                });
-            }
-            _ => request.complete(windows_sys::Win32::Foundation::STATUS_FILE_CLOSED, 0),
-        }
-        if let Some(slot) = allocated().get_mut(&(callback_data as usize)) {
-            slot.request = Some(request);
-        }
+        let Some((mut request, instance, _)) = take_request(API, callback_data) else { return };
+        check_paging_path(API, &mut request);
+        send(API, &mut request, instance);
+        give_back(callback_data as usize, request);
     });
+}
+
+/// A `PFLT_COMPLETED_ASYNC_IO_CALLBACK` that is not NULL.
+type AsyncCallback = unsafe extern "system" fn(*const FLT_CALLBACK_DATA, PFLT_CONTEXT);
+
+/// A built operation in flight through `FltPerformAsynchronousIo`, until its completion hands it back.
+struct InFlight {
+    key: usize,
+    request: Box<Request>,
+    callback: AsyncCallback,
+    context: usize,
+}
+
+/// The completion [`fileio`] runs for `FltPerformAsynchronousIo` (on a system worker, at the IRQL chosen at issue):
+/// hands the driver's callback data back to its allocation, so that the callback may free or reuse it, then calls
+/// the driver's callback with it. `_carrier` is the completion's own callback data, which the driver never sees.
+///
+/// # Safety
+/// `context` is the `InFlight` that `FltPerformAsynchronousIo` boxed for this completion, passed once.
+unsafe extern "system" fn complete_built(_carrier: *const FLT_CALLBACK_DATA, context: PFLT_CONTEXT) {
+    // SAFETY: the caller passes the boxed `InFlight` once.
+    let in_flight = unsafe { Box::from_raw(context.cast::<InFlight>()) };
+    let InFlight { key, request, callback, context } = *in_flight;
+    let data = request.data();
+    give_back(key, request);
+    // SAFETY: the driver's callback and context for this I/O; the data stays allocated until the driver frees it.
+    unsafe { callback(data, context as *mut c_void) };
+}
+
+/// Fails a `FltPerformAsynchronousIo` at once: completes the data with `status`, hands it back, and calls the
+/// callback before returning, as the docs say Filter Manager always calls it. Returns `status`.
+fn fail_now(
+    key: usize,
+    mut request: Box<Request>,
+    callback: AsyncCallback,
+    context: *const c_void,
+    status: NTSTATUS,
+) -> NTSTATUS {
+    request.complete(status, 0);
+    let data = request.data();
+    give_back(key, request);
+    let before = thread::snapshot();
+    // SAFETY: the driver's callback and context for this I/O, with its own callback data.
+    unsafe { callback(data, context.cast_mut()) };
+    thread::check_balanced("PFLT_COMPLETED_ASYNC_IO_CALLBACK", &before);
+    status
+}
+
+/// Why a built operation cannot be performed asynchronously, reported; `None` when it can.
+fn async_refusal(request: &mut Request) -> Option<NTSTATUS> {
+    const API: &str = "FltPerformAsynchronousIo";
+    let major = u32::from(request.iopb().MajorFunction);
+    let paging_allowed =
+        matches!(major, IRP_MJ_READ | IRP_MJ_WRITE | IRP_MJ_QUERY_INFORMATION | IRP_MJ_SET_INFORMATION)
+            && request.iopb().IrpFlags & IRP_PAGING_IO != 0;
+    // PASSIVE_LEVEL, or APC_LEVEL for paging I/O (of the four majors for which IRP_PAGING_IO is valid).
+    let max = if paging_allowed { irql::APC } else { irql::PASSIVE };
+    if !thread::require_irql_at_most(API, max, PERFORM_ASYNC_DOCS) {
+        return Some(STATUS_INVALID_PARAMETER);
+    }
+    // SAFETY: the request's callback data is its own box, alive while the request is.
+    let flags = unsafe { (*request.data()).Flags };
+    if flags & FLTFL_CALLBACK_DATA_IRP_OPERATION == 0 {
+        verifier::report(
+            Rule::InvalidArgument,
+            API,
+            "minifilters can initiate only IRP-based operations, not fast I/O or file system filter operations",
+        );
+        return Some(STATUS_INVALID_PARAMETER);
+    }
+    if major == IRP_MJ_CREATE {
+        verifier::report(Rule::InvalidArgument, API, "IRP_MJ_CREATE requests cannot be performed asynchronously");
+        return Some(STATUS_FLT_INVALID_ASYNCHRONOUS_REQUEST);
+    }
+    None
+}
+
+/// `FltPerformAsynchronousIo`: data from `FltAllocateCallbackData`, not in flight; a `CallbackRoutine`;
+/// PASSIVE_LEVEL, or ≤ APC_LEVEL when `IRP_PAGING_IO` is set on a read, write, query or set information; an
+/// IRP-based operation other than `IRP_MJ_CREATE` (which fails with `STATUS_FLT_INVALID_ASYNCHRONOUS_REQUEST`).
+/// The operation enters below the allocating instance in the caller's context and the call returns
+/// `STATUS_PENDING`; later, on a system worker at a seeded IRQL ≤ DISPATCH_LEVEL, the callback gets the data with
+/// the final `IoStatus` (see the [module docs](self)). A call that fails has called the callback when it returns.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltperformasynchronousio>.
+///
+/// # Safety
+/// Called by driver code: the buffers the operation's parameters name stay valid until the callback has run.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltPerformAsynchronousIo(
+    callback_data: *mut FLT_CALLBACK_DATA,
+    callback_routine: PFLT_COMPLETED_ASYNC_IO_CALLBACK,
+    callback_context: *const c_void,
+) -> NTSTATUS {
+    const API: &str = "FltPerformAsynchronousIo";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        let Some(callback) = callback_routine else {
+            verifier::report(Rule::InvalidArgument, API, "CallbackRoutine is required and cannot be NULL");
+            return STATUS_INVALID_PARAMETER;
+        };
+        let key = callback_data as usize;
+        let Some((mut request, instance, filter)) = take_request(API, callback_data) else {
+            return STATUS_INVALID_PARAMETER;
+        };
+        if let Some(status) = async_refusal(&mut request) {
+            return fail_now(key, request, callback, callback_context, status);
+        }
+        let file_object = request.iopb().TargetFileObject;
+        let Some(handle) = iomgr::handle_of(file_object) else {
+            return fail_now(key, request, callback, callback_context, STATUS_FILE_CLOSED);
+        };
+        check_paging_path(API, &mut request);
+        send(API, &mut request, instance);
+        let major = request.iopb().MajorFunction;
+        // What the completion machinery completes: a carrier for the status; the driver's data rides in the context.
+        let mut carrier = Request::new(major, file_object, true);
+        carrier.complete(request.status(), request.information());
+        let context = Box::into_raw(Box::new(InFlight { key, request, callback, context: callback_context as usize }));
+        fileio::pend(API, filter, &handle, carrier, None, complete_built, context.cast_const().cast())
+    })
 }
 
 /// Reports callback data `filter` allocated and never freed; called when its driver unloads.

@@ -1,6 +1,17 @@
 //! Contexts: `FltAllocateContext`, reference counting (`FltReferenceContext`, `FltReleaseContext`), attaching to
 //! stream handles and streams (`FltSetStreamHandleContext`, `FltGetStreamHandleContext`, `FltSetStreamContext`,
-//! `FltGetStreamContext`), `FltDeleteContext`, and the cleanup callback when the last reference goes.
+//! `FltGetStreamContext`), files (`FltSetFileContext`, `FltGetFileContext`, `FltSupportsFileContexts`), instances
+//! (`FltSetInstanceContext`, `FltGetInstanceContext`) and volumes (`FltSetVolumeContext`, `FltGetVolumeContext`),
+//! `FltDeleteContext`, and the cleanup callback when the last reference goes.
+//!
+//! What holds an attached context: a stream handle context goes when its file object closes, a stream context when
+//! the stream's last file object closes, a file context (per instance per file ID, so every link and stream of the
+//! file shares it) when the last file object of the file closes — of the streams file context routines were called
+//! on, a simplification a filter can only tell apart by opening a named stream it never asks about and closing the
+//! stream it set the context through first — an instance context when the instance is torn down (after its
+//! InstanceTeardownComplete callback; also when InstanceSetup fails), and a volume context — one per filter per
+//! volume — when the filter unregisters (the teardown of its last instance on the volume, or at the latest when its
+//! driver has unloaded; volumes are never dismounted in the model).
 //!
 //! As Filter Verifier does (<https://learn.microsoft.com/windows-hardware/drivers/devtest/file-system-filter-verification>,
 //! bugcheck 0xF5), the model reports a context released more often than referenced or used after it was freed
@@ -18,20 +29,27 @@ use windows_sys::{
     Wdk::{
         Foundation::{FILE_OBJECT, POOL_TYPE},
         Storage::FileSystem::Minifilters::{
-            FLT_SET_CONTEXT_KEEP_IF_EXISTS, FLT_SET_CONTEXT_OPERATION, FLT_SET_CONTEXT_REPLACE_IF_EXISTS,
-            FLT_STREAM_CONTEXT, FLT_STREAMHANDLE_CONTEXT, PFLT_CONTEXT, PFLT_CONTEXT_CLEANUP_CALLBACK, PFLT_FILTER,
-            PFLT_INSTANCE,
+            FLT_FILE_CONTEXT, FLT_INSTANCE_CONTEXT, FLT_SECTION_CONTEXT, FLT_SET_CONTEXT_KEEP_IF_EXISTS,
+            FLT_SET_CONTEXT_OPERATION, FLT_SET_CONTEXT_REPLACE_IF_EXISTS, FLT_STREAM_CONTEXT, FLT_STREAMHANDLE_CONTEXT,
+            FLT_TRANSACTION_CONTEXT, FLT_VOLUME_CONTEXT, FLTFL_INSTANCE_TEARDOWN_FILTER_UNLOAD,
+            FLTFL_INSTANCE_TEARDOWN_MANDATORY_FILTER_UNLOAD, PFLT_CONTEXT, PFLT_CONTEXT_CLEANUP_CALLBACK, PFLT_FILTER,
+            PFLT_INSTANCE, PFLT_VOLUME,
         },
     },
-    Win32::Foundation::{
-        NTSTATUS, STATUS_FLT_CONTEXT_ALLOCATION_NOT_FOUND, STATUS_FLT_CONTEXT_ALREADY_DEFINED,
-        STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER, STATUS_NOT_FOUND, STATUS_SUCCESS,
+    Win32::{
+        Foundation::{
+            NTSTATUS, STATUS_FLT_CONTEXT_ALLOCATION_NOT_FOUND, STATUS_FLT_CONTEXT_ALREADY_DEFINED,
+            STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER, STATUS_NOT_FOUND, STATUS_NOT_SUPPORTED,
+            STATUS_SUCCESS,
+        },
+        Storage::InstallableFileSystems::{FLT_FSTYPE_NTFS, FLT_FSTYPE_REFS},
     },
 };
 
 use super::{instance::instances, registration::filters};
 use crate::{
     guard::guarded,
+    io::volumes,
     kernel::{irql, thread},
     verifier::{self, Rule},
 };
@@ -40,6 +58,23 @@ const CONTEXT_DOCS: &str =
     "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltallocatecontext";
 const SET_DOCS: &str =
     "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsetstreamhandlecontext";
+const INSTANCE_DOCS: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsetinstancecontext";
+const VOLUME_DOCS: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsetvolumecontext";
+const FILE_DOCS: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsetfilecontext";
+
+/// The context types `fltkernel.h` defines; `FltAllocateContext` with any other is reported.
+const CONTEXT_TYPES: [u32; 7] = [
+    FLT_VOLUME_CONTEXT,
+    FLT_INSTANCE_CONTEXT,
+    FLT_FILE_CONTEXT,
+    FLT_STREAM_CONTEXT,
+    FLT_STREAMHANDLE_CONTEXT,
+    FLT_TRANSACTION_CONTEXT,
+    FLT_SECTION_CONTEXT,
+];
 
 /// `FLT_VARIABLE_SIZED_CONTEXTS`: a registration whose contexts may have any size.
 pub const VARIABLE_SIZED: usize = usize::MAX;
@@ -62,6 +97,12 @@ enum Target {
     StreamHandle(PFLT_INSTANCE, usize),
     /// A stream: (instance, the stream's `FsContext`).
     Stream(PFLT_INSTANCE, usize),
+    /// An instance.
+    Instance(PFLT_INSTANCE),
+    /// A volume, for one filter: (filter, volume).
+    Volume(PFLT_FILTER, PFLT_VOLUME),
+    /// A file, for one instance: (instance, volume, file ID). Every stream and link of the file shares it.
+    File(PFLT_INSTANCE, PFLT_VOLUME, u64),
 }
 
 struct Context {
@@ -78,6 +119,10 @@ struct State {
     live: BTreeMap<usize, Context>,
     freed: BTreeSet<usize>,
     attached: BTreeMap<Target, usize>,
+    /// Instances whose InstanceSetup callback is running (not yet in the instance list): instance → (filter, volume).
+    setting_up: BTreeMap<PFLT_INSTANCE, (PFLT_FILTER, PFLT_VOLUME)>,
+    /// Streams (`FsContext`) a file context routine was called on → their file (volume, file ID).
+    file_streams: BTreeMap<usize, (PFLT_VOLUME, u64)>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -126,6 +171,14 @@ pub unsafe extern "system" fn FltAllocateContext(
     const API: &str = "FltAllocateContext";
     guarded(API, STATUS_INVALID_PARAMETER, || {
         if !thread::require_irql_at_most(API, irql::APC, CONTEXT_DOCS) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        if !CONTEXT_TYPES.contains(&u32::from(context_type)) {
+            verifier::report(
+                Rule::InvalidArgument,
+                API,
+                format!("ContextType {context_type:#x} is not one of the FLT_*_CONTEXT types"),
+            );
             return STATUS_INVALID_PARAMETER;
         }
         if returned_context.is_null() || context_size == 0 || context_size > usize::from(u16::MAX) {
@@ -254,62 +307,76 @@ pub extern "system" fn FltDeleteContext(context: PFLT_CONTEXT) {
     });
 }
 
-fn instance_of_filter(instance: PFLT_INSTANCE) -> Option<PFLT_FILTER> {
-    instances().into_iter().find(|i| i.handle == instance && i.attached).map(|i| i.filter)
+/// The filter and volume of `instance`: an attached instance, or one whose InstanceSetup callback is running.
+fn instance_owner(instance: PFLT_INSTANCE) -> Option<(PFLT_FILTER, PFLT_VOLUME)> {
+    instances()
+        .into_iter()
+        .find(|i| i.handle == instance && i.attached)
+        .map(|i| (i.filter, i.volume))
+        .or_else(|| with_state(|s| s.setting_up.get(&instance).copied()))
 }
 
-/// Attaches `new` to `target`, as the `FltSet*Context` routines do.
-#[expect(clippy::too_many_arguments, reason = "the DDI's arguments and the target they name")]
-fn set_context(
+fn instance_of_filter(instance: PFLT_INSTANCE) -> Option<PFLT_FILTER> {
+    instance_owner(instance).map(|(filter, _)| filter)
+}
+
+/// One `FltSet*Context` call, its target resolved.
+#[derive(Clone, Copy)]
+struct SetCall {
     api: &'static str,
-    instance: PFLT_INSTANCE,
+    docs: &'static str,
+    /// The filter the caller acts for (its instance's); `None` when the context names it (a volume context).
+    filter: Option<PFLT_FILTER>,
     target: Target,
     expected_type: u32,
     operation: FLT_SET_CONTEXT_OPERATION,
     new: PFLT_CONTEXT,
     old: *mut PFLT_CONTEXT,
-    file_object: *const FILE_OBJECT,
-) -> NTSTATUS {
-    if !thread::require_irql_at_most(api, irql::APC, SET_DOCS) || !check_live(api, new) {
-        return STATUS_INVALID_PARAMETER;
+}
+
+/// Checks the context and the operation of a set call: a live, unattached context of the caller's filter, of the
+/// type the routine sets.
+fn check_set(call: &SetCall) -> bool {
+    let api = call.api;
+    if !thread::require_irql_at_most(api, irql::APC, call.docs) || !check_live(api, call.new) {
+        return false;
     }
-    let Some(filter) = instance_of_filter(instance) else {
-        verifier::report(Rule::InvalidArgument, api, format!("{instance:#x} is not an attached instance"));
-        return STATUS_INVALID_PARAMETER;
-    };
-    if !crate::io::iomgr::is_open_file_object(file_object) {
+    let (owner, context_type, attached) = with_state(|s| {
+        let c = s.live.get(&(call.new as usize));
+        (c.map(|c| c.filter), c.map(|c| u32::from(c.kind)), c.and_then(|c| c.attached))
+    });
+    if call.filter.is_some_and(|f| owner != Some(f)) || context_type != Some(call.expected_type) || attached.is_some() {
         verifier::report(
             Rule::InvalidArgument,
             api,
             format!(
-                "{file_object:?} is not an opened file object (a create's file object gets contexts in post-create)"
+                "NewContext must be an unattached context of this filter, of type {:#x} (the type {api} sets); it is \
+                 of type {context_type:#x?}",
+                call.expected_type
             ),
         );
-        return STATUS_INVALID_PARAMETER;
+        return false;
     }
-    let (owner, context_type, attached) = with_state(|s| {
-        let c = s.live.get(&(new as usize));
-        (c.map(|c| c.filter), c.map(|c| u32::from(c.kind)), c.and_then(|c| c.attached))
-    });
-    if owner != Some(filter) || context_type != Some(expected_type) || attached.is_some() {
+    if call.operation != FLT_SET_CONTEXT_KEEP_IF_EXISTS && call.operation != FLT_SET_CONTEXT_REPLACE_IF_EXISTS {
         verifier::report(
             Rule::InvalidArgument,
             api,
-            "NewContext must be an unattached context of this filter, of the type the routine sets",
+            format!("Operation {} is not KEEP_IF_EXISTS or REPLACE_IF_EXISTS", call.operation),
         );
+        return false;
+    }
+    true
+}
+
+/// Attaches `call.new` to `call.target`, as the `FltSet*Context` routines do.
+fn set_context(call: &SetCall) -> NTSTATUS {
+    if !check_set(call) {
         return STATUS_INVALID_PARAMETER;
     }
-    if operation != FLT_SET_CONTEXT_KEEP_IF_EXISTS && operation != FLT_SET_CONTEXT_REPLACE_IF_EXISTS {
-        verifier::report(
-            Rule::InvalidArgument,
-            api,
-            format!("Operation {operation} is not KEEP_IF_EXISTS or REPLACE_IF_EXISTS"),
-        );
-        return STATUS_INVALID_PARAMETER;
-    }
+    let (target, old) = (call.target, call.old);
     let existing = with_state(|s| s.attached.get(&target).copied());
     if let Some(existing) = existing {
-        if operation == FLT_SET_CONTEXT_KEEP_IF_EXISTS {
+        if call.operation == FLT_SET_CONTEXT_KEEP_IF_EXISTS {
             if !old.is_null() {
                 with_state(|s| {
                     if let Some(c) = s.live.get_mut(&existing) {
@@ -329,21 +396,44 @@ fn set_context(
             }
         });
         if old.is_null() {
-            release(api, existing as PFLT_CONTEXT);
+            release(call.api, existing as PFLT_CONTEXT);
         } else {
             // SAFETY: the driver passes a place for the old context; the attachment's reference becomes the caller's.
             unsafe { old.write(existing as PFLT_CONTEXT) };
         }
     }
     with_state(|s| {
-        if let Some(c) = s.live.get_mut(&(new as usize)) {
+        if let Some(c) = s.live.get_mut(&(call.new as usize)) {
             c.attached = Some(target);
             // The attachment holds its own reference; the caller keeps (and must release) its own.
             c.references = c.references.saturating_add(1);
         }
-        s.attached.insert(target, new as usize);
+        s.attached.insert(target, call.new as usize);
     });
     STATUS_SUCCESS
+}
+
+/// A set call on a file object: an attached instance and an opened file object (not in pre-create).
+fn set_file_object_context(call: &SetCall, instance: PFLT_INSTANCE, file_object: *const FILE_OBJECT) -> NTSTATUS {
+    let api = call.api;
+    if !thread::require_irql_at_most(api, irql::APC, call.docs) {
+        return STATUS_INVALID_PARAMETER;
+    }
+    let Some(filter) = instance_of_filter(instance) else {
+        verifier::report(Rule::InvalidArgument, api, format!("{instance:#x} is not an attached instance"));
+        return STATUS_INVALID_PARAMETER;
+    };
+    if !crate::io::iomgr::is_open_file_object(file_object) {
+        verifier::report(
+            Rule::InvalidArgument,
+            api,
+            format!(
+                "{file_object:?} is not an opened file object (a create's file object gets contexts in post-create)"
+            ),
+        );
+        return STATUS_INVALID_PARAMETER;
+    }
+    set_context(&SetCall { filter: Some(filter), ..*call })
 }
 
 fn get_context(api: &'static str, instance: PFLT_INSTANCE, target: Target, context: *mut PFLT_CONTEXT) -> NTSTATUS {
@@ -354,6 +444,11 @@ fn get_context(api: &'static str, instance: PFLT_INSTANCE, target: Target, conte
         verifier::report(Rule::InvalidArgument, api, "an attached instance and a place for the context are required");
         return STATUS_INVALID_PARAMETER;
     }
+    lookup(target, context)
+}
+
+/// The context attached to `target`, referenced for the caller in `*context`, or `STATUS_NOT_FOUND`.
+fn lookup(target: Target, context: *mut PFLT_CONTEXT) -> NTSTATUS {
     let found = with_state(|s| {
         let address = s.attached.get(&target).copied()?;
         let c = s.live.get_mut(&address)?;
@@ -388,8 +483,17 @@ pub unsafe extern "system" fn FltSetStreamHandleContext(
 ) -> NTSTATUS {
     const API: &str = "FltSetStreamHandleContext";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        let target = Target::StreamHandle(instance, file_object as usize);
-        set_context(API, instance, target, FLT_STREAMHANDLE_CONTEXT, operation, new_context, old_context, file_object)
+        let call = SetCall {
+            api: API,
+            docs: SET_DOCS,
+            filter: None,
+            target: Target::StreamHandle(instance, file_object as usize),
+            expected_type: FLT_STREAMHANDLE_CONTEXT,
+            operation,
+            new: new_context,
+            old: old_context,
+        };
+        set_file_object_context(&call, instance, file_object)
     })
 }
 
@@ -429,8 +533,17 @@ pub unsafe extern "system" fn FltSetStreamContext(
             verifier::report(Rule::InvalidArgument, API, format!("{file_object:?} is not an opened file object"));
             return STATUS_INVALID_PARAMETER;
         }
-        let target = Target::Stream(instance, stream_of(file_object));
-        set_context(API, instance, target, FLT_STREAM_CONTEXT, operation, new_context, old_context, file_object)
+        let call = SetCall {
+            api: API,
+            docs: SET_DOCS,
+            filter: None,
+            target: Target::Stream(instance, stream_of(file_object)),
+            expected_type: FLT_STREAM_CONTEXT,
+            operation,
+            new: new_context,
+            old: old_context,
+        };
+        set_file_object_context(&call, instance, file_object)
     })
 }
 
@@ -455,6 +568,266 @@ pub unsafe extern "system" fn FltGetStreamContext(
     })
 }
 
+/// `FltSetInstanceContext`: ≤ APC_LEVEL; an attached instance (or one whose InstanceSetup callback is running);
+/// a context of type `FLT_INSTANCE_CONTEXT` of the instance's filter; one context per instance, `KEEP_IF_EXISTS`
+/// answering `STATUS_FLT_CONTEXT_ALREADY_DEFINED` with the existing one referenced in `OldContext`. The context is
+/// released when the instance is torn down.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsetinstancecontext>.
+///
+/// # Safety
+/// Called by driver code: `OldContext` must be NULL or a valid place for a context.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltSetInstanceContext(
+    instance: PFLT_INSTANCE,
+    operation: FLT_SET_CONTEXT_OPERATION,
+    new_context: PFLT_CONTEXT,
+    old_context: *mut PFLT_CONTEXT,
+) -> NTSTATUS {
+    const API: &str = "FltSetInstanceContext";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        if !thread::require_irql_at_most(API, irql::APC, INSTANCE_DOCS) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        let Some(filter) = instance_of_filter(instance) else {
+            verifier::report(Rule::InvalidArgument, API, format!("{instance:#x} is not an attached instance"));
+            return STATUS_INVALID_PARAMETER;
+        };
+        set_context(&SetCall {
+            api: API,
+            docs: INSTANCE_DOCS,
+            filter: Some(filter),
+            target: Target::Instance(instance),
+            expected_type: FLT_INSTANCE_CONTEXT,
+            operation,
+            new: new_context,
+            old: old_context,
+        })
+    })
+}
+
+/// `FltGetInstanceContext`: ≤ APC_LEVEL; the instance's context referenced for the caller, or `STATUS_NOT_FOUND`.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltgetinstancecontext>.
+///
+/// # Safety
+/// Called by driver code: `Context` must be a valid place for the context.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltGetInstanceContext(instance: PFLT_INSTANCE, context: *mut PFLT_CONTEXT) -> NTSTATUS {
+    const API: &str = "FltGetInstanceContext";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        if !thread::require_irql_at_most(API, irql::APC, INSTANCE_DOCS) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        if instance_of_filter(instance).is_none() || context.is_null() {
+            verifier::report(
+                Rule::InvalidArgument,
+                API,
+                "an attached instance and a place for the context are required",
+            );
+            return STATUS_INVALID_PARAMETER;
+        }
+        lookup(Target::Instance(instance), context)
+    })
+}
+
+fn is_volume(volume: PFLT_VOLUME) -> bool {
+    volumes().iter().any(|v| v.handle == volume)
+}
+
+/// `FltSetVolumeContext`: ≤ APC_LEVEL; a mounted volume; a context of type `FLT_VOLUME_CONTEXT` (its filter is the
+/// one whose context it becomes: one per filter per volume); `KEEP_IF_EXISTS` answers
+/// `STATUS_FLT_CONTEXT_ALREADY_DEFINED` with the existing one referenced in `OldContext`. The context is released
+/// when the filter unregisters.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsetvolumecontext>.
+///
+/// # Safety
+/// Called by driver code: `OldContext` must be NULL or a valid place for a context.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltSetVolumeContext(
+    volume: PFLT_VOLUME,
+    operation: FLT_SET_CONTEXT_OPERATION,
+    new_context: PFLT_CONTEXT,
+    old_context: *mut PFLT_CONTEXT,
+) -> NTSTATUS {
+    const API: &str = "FltSetVolumeContext";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        if !thread::require_irql_at_most(API, irql::APC, VOLUME_DOCS) || !check_live(API, new_context) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        if !is_volume(volume) {
+            verifier::report(Rule::InvalidArgument, API, format!("{volume:#x} is not a mounted volume"));
+            return STATUS_INVALID_PARAMETER;
+        }
+        let Some(filter) = with_state(|s| s.live.get(&(new_context as usize)).map(|c| c.filter)) else {
+            return STATUS_INVALID_PARAMETER;
+        };
+        set_context(&SetCall {
+            api: API,
+            docs: VOLUME_DOCS,
+            filter: None,
+            target: Target::Volume(filter, volume),
+            expected_type: FLT_VOLUME_CONTEXT,
+            operation,
+            new: new_context,
+            old: old_context,
+        })
+    })
+}
+
+/// `FltGetVolumeContext`: ≤ APC_LEVEL; a registered filter and a mounted volume; the filter's context for the
+/// volume referenced for the caller, or `STATUS_NOT_FOUND`.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltgetvolumecontext>.
+///
+/// # Safety
+/// Called by driver code: `Context` must be a valid place for the context.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltGetVolumeContext(
+    filter: PFLT_FILTER,
+    volume: PFLT_VOLUME,
+    context: *mut PFLT_CONTEXT,
+) -> NTSTATUS {
+    const API: &str = "FltGetVolumeContext";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        if !thread::require_irql_at_most(API, irql::APC, VOLUME_DOCS) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        if !filters().iter().any(|f| f.handle == filter && !f.unregistered) {
+            verifier::report(Rule::InvalidFilterHandle, API, format!("{filter:#x} is not a registered filter"));
+            return STATUS_INVALID_PARAMETER;
+        }
+        if !is_volume(volume) || context.is_null() {
+            verifier::report(Rule::InvalidArgument, API, "a mounted volume and a place for the context are required");
+            return STATUS_INVALID_PARAMETER;
+        }
+        lookup(Target::Volume(filter, volume), context)
+    })
+}
+
+/// The file behind an opened `file_object`: (volume, file ID), recording its stream; reports a file object that is
+/// not open; `STATUS_NOT_SUPPORTED` where the file system keeps no file contexts.
+fn file_of(api: &'static str, file_object: *const FILE_OBJECT) -> Result<(PFLT_VOLUME, u64), NTSTATUS> {
+    let Some((open, volume)) = crate::io::iomgr::open_of_file_object(file_object) else {
+        verifier::report(
+            Rule::InvalidArgument,
+            api,
+            format!(
+                "{file_object:?} is not an opened file object (a create's file object gets contexts in post-create)"
+            ),
+        );
+        return Err(STATUS_INVALID_PARAMETER);
+    };
+    if !supports_file_contexts(volume.spec.file_system) {
+        return Err(STATUS_NOT_SUPPORTED);
+    }
+    let id = crate::io::fs::file_id(open)?;
+    let file = (volume.handle, id);
+    with_state(|s| s.file_streams.insert(stream_of(file_object), file));
+    Ok(file)
+}
+
+/// NTFS and ReFS keep per-file contexts (NTFS from Windows Vista); the model's other file systems do not.
+fn supports_file_contexts(file_system: i32) -> bool {
+    file_system == FLT_FSTYPE_NTFS || file_system == FLT_FSTYPE_REFS
+}
+
+/// `FltSetFileContext`: ≤ APC_LEVEL; an attached instance; an opened file object (not in pre-create); a context
+/// of type `FLT_FILE_CONTEXT` of the instance's filter; one context per instance per file, shared by every stream
+/// and link of the file (it belongs to the file ID); `KEEP_IF_EXISTS`/`REPLACE_IF_EXISTS` as
+/// [`FltSetInstanceContext`]; `STATUS_NOT_SUPPORTED` on a file system without file contexts (see
+/// [`FltSupportsFileContexts`]). Released when the last file object of the file closes.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsetfilecontext>.
+///
+/// # Safety
+/// Called by driver code with the pointers it has.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltSetFileContext(
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    operation: FLT_SET_CONTEXT_OPERATION,
+    new_context: PFLT_CONTEXT,
+    old_context: *mut PFLT_CONTEXT,
+) -> NTSTATUS {
+    const API: &str = "FltSetFileContext";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        if !thread::require_irql_at_most(API, irql::APC, FILE_DOCS) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        let Some(filter) = instance_of_filter(instance) else {
+            verifier::report(Rule::InvalidArgument, API, format!("{instance:#x} is not an attached instance"));
+            return STATUS_INVALID_PARAMETER;
+        };
+        let (volume, id) = match file_of(API, file_object) {
+            Ok(file) => file,
+            Err(status) => return status,
+        };
+        set_context(&SetCall {
+            api: API,
+            docs: FILE_DOCS,
+            filter: Some(filter),
+            target: Target::File(instance, volume, id),
+            expected_type: FLT_FILE_CONTEXT,
+            operation,
+            new: new_context,
+            old: old_context,
+        })
+    })
+}
+
+/// `FltGetFileContext`: ≤ APC_LEVEL; an attached instance and an opened file object; the instance's context for
+/// the file (whichever stream or link the file object opened) referenced for the caller, or `STATUS_NOT_FOUND`;
+/// `STATUS_NOT_SUPPORTED` on a file system without file contexts.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltgetfilecontext>.
+///
+/// # Safety
+/// Called by driver code: `Context` must be a valid place for the context.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltGetFileContext(
+    instance: PFLT_INSTANCE,
+    file_object: *const FILE_OBJECT,
+    context: *mut PFLT_CONTEXT,
+) -> NTSTATUS {
+    const API: &str = "FltGetFileContext";
+    guarded(API, STATUS_INVALID_PARAMETER, || {
+        if !thread::require_irql_at_most(API, irql::APC, FILE_DOCS) {
+            return STATUS_INVALID_PARAMETER;
+        }
+        if instance_of_filter(instance).is_none() || context.is_null() {
+            verifier::report(
+                Rule::InvalidArgument,
+                API,
+                "an attached instance and a place for the context are required",
+            );
+            return STATUS_INVALID_PARAMETER;
+        }
+        match file_of(API, file_object) {
+            Ok((volume, id)) => lookup(Target::File(instance, volume, id), context),
+            Err(status) => status,
+        }
+    })
+}
+
+/// `FltSupportsFileContexts`: ≤ APC_LEVEL; whether the file system keeps file contexts for the file: TRUE for an
+/// opened file object on NTFS or ReFS, FALSE otherwise (a create's file object before its file system opened it
+/// has no file yet; paging files are not modelled).
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsupportsfilecontexts>.
+///
+/// # Safety
+/// Called by driver code with the file object it has.
+#[unsafe(no_mangle)]
+pub unsafe extern "system" fn FltSupportsFileContexts(file_object: *const FILE_OBJECT) -> bool {
+    const API: &str = "FltSupportsFileContexts";
+    guarded(API, false, || {
+        if !thread::require_irql_at_most(
+            API,
+            irql::APC,
+            "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltsupportsfilecontexts",
+        ) {
+            return false;
+        }
+        crate::io::iomgr::open_of_file_object(file_object)
+            .is_some_and(|(_, volume)| supports_file_contexts(volume.spec.file_system))
+    })
+}
+
 /// Detaches what was attached to `targets` and drops the attachments' references.
 fn detach_where(api: &'static str, matches: impl Fn(&Target) -> bool) {
     let gone: Vec<(Target, usize)> = with_state(|s| {
@@ -476,20 +849,58 @@ pub(crate) fn file_object_closed(file_object: usize) {
     detach_where("IRP_MJ_CLOSE", |t| matches!(t, Target::StreamHandle(_, f) if *f == file_object));
 }
 
-/// The last file object of a stream was closed: its stream contexts go.
+/// The last file object of a stream was closed: its stream contexts go, and when no other stream of its file a file
+/// context routine saw is open, the file's contexts too.
 pub(crate) fn stream_closed(stream: usize) {
     detach_where("IRP_MJ_CLOSE", |t| matches!(t, Target::Stream(_, s) if *s == stream));
+    let file = with_state(|s| {
+        let file = s.file_streams.remove(&stream)?;
+        (!s.file_streams.values().any(|f| *f == file)).then_some(file)
+    });
+    if let Some((volume, id)) = file {
+        detach_where("IRP_MJ_CLOSE", |t| matches!(t, Target::File(_, v, i) if *v == volume && *i == id));
+    }
 }
 
-/// The instance was torn down: everything attached through it goes.
+/// An instance's InstanceSetup callback is about to run: it may set an instance context before the instance is
+/// listed.
+pub(crate) fn instance_setting_up(instance: PFLT_INSTANCE, filter: PFLT_FILTER, volume: PFLT_VOLUME) {
+    with_state(|s| s.setting_up.insert(instance, (filter, volume)));
+}
+
+/// An instance's InstanceSetup callback returned: a refused instance's contexts go at once.
+pub(crate) fn instance_setup_done(instance: PFLT_INSTANCE, attached: bool) {
+    with_state(|s| s.setting_up.remove(&instance));
+    if !attached {
+        instance_torn_down(instance);
+    }
+}
+
+/// The instance was torn down (or its InstanceSetup failed): everything attached through it goes, and when its
+/// filter is unloading and this was its last instance on the volume, the filter's volume context too.
 pub(crate) fn instance_torn_down(instance: PFLT_INSTANCE) {
+    with_state(|s| s.setting_up.remove(&instance));
     detach_where("InstanceTeardownComplete", |t| match t {
-        Target::StreamHandle(i, _) | Target::Stream(i, _) => *i == instance,
+        Target::StreamHandle(i, _) | Target::Stream(i, _) | Target::Instance(i) | Target::File(i, ..) => *i == instance,
+        Target::Volume(..) => false,
     });
+    let all = instances();
+    let Some(record) = all.iter().find(|i| i.handle == instance) else { return };
+    let unloading = matches!(
+        record.teardown_reason,
+        Some(FLTFL_INSTANCE_TEARDOWN_FILTER_UNLOAD | FLTFL_INSTANCE_TEARDOWN_MANDATORY_FILTER_UNLOAD)
+    );
+    let last_on_volume = !all.iter().any(|i| i.filter == record.filter && i.volume == record.volume && i.attached);
+    if unloading && last_on_volume {
+        let (filter, volume) = (record.filter, record.volume);
+        detach_where("FltUnregisterFilter", |t| *t == Target::Volume(filter, volume));
+    }
 }
 
 /// Reports the contexts of `filter` still alive; called when its driver unloads.
 pub(crate) fn report_leaks(filter: PFLT_FILTER, after: &str) {
+    // FltUnregisterFilter released the filter's volume contexts, of volumes it had no instance on too.
+    detach_where("FltUnregisterFilter", |t| matches!(t, Target::Volume(f, _) if *f == filter));
     let alive: Vec<(usize, u16, u32)> = with_state(|s| {
         s.live.iter().filter(|(_, c)| c.filter == filter).map(|(a, c)| (*a, c.kind, c.references)).collect()
     });

@@ -567,7 +567,8 @@ fn start_offset(file_object: *const FILE_OBJECT, offset: Option<u64>) -> i64 {
 }
 
 /// The data of an asynchronous read, copied into the driver's buffer when the read completes.
-struct ReadBack {
+/// Visible to the module's siblings because it appears in [`pend`]'s signature.
+pub(super) struct ReadBack {
     data: Vec<u8>,
     buffer: usize,
 }
@@ -620,9 +621,9 @@ pub struct AsyncCompletionHold {
     _private: (),
 }
 
-/// Holds back the completion of asynchronous `FltReadFileEx` / `FltWriteFileEx` I/O (issued while or before the
-/// guard lives and not completed yet) until the returned guard is dropped: the file system has done the I/O, but
-/// the data, `IoStatus` and callback do not reach the driver. For tests that need I/O to stay outstanding, such as
+/// Holds back the completion of asynchronous I/O (`FltReadFileEx`, `FltWriteFileEx`, `FltPerformAsynchronousIo`)
+/// issued while or before the guard lives and not completed yet, until the returned guard is dropped: the file
+/// system has done the I/O, but the data, `IoStatus` and callback do not reach the driver. For tests that need I/O to stay outstanding, such as
 /// a filter unloading with I/O in flight.
 pub fn hold_async_completions() -> AsyncCompletionHold {
     async_state().holds += 1;
@@ -642,7 +643,8 @@ impl Drop for AsyncCompletionHold {
     }
 }
 
-/// How many asynchronous `FltReadFileEx` / `FltWriteFileEx` I/Os have not finished their callback yet.
+/// How many asynchronous `FltReadFileEx` / `FltWriteFileEx` / `FltPerformAsynchronousIo` I/Os have not finished
+/// their callback yet.
 #[must_use]
 pub fn outstanding_async_io() -> usize {
     async_state().outstanding.len()
@@ -650,7 +652,8 @@ pub fn outstanding_async_io() -> usize {
 
 /// Pends an asynchronous read or write the file system has done (its final status and count are in `request`):
 /// its completion runs later on a system worker. Returns `STATUS_PENDING`.
-fn pend(
+/// Also completes `FltPerformAsynchronousIo` (`super::callback_data`), whose callback hands the built data back.
+pub(super) fn pend(
     api: &'static str,
     filter: PFLT_FILTER,
     handle: &iomgr::Handle,

@@ -111,6 +111,7 @@ fn attach(filter: &FilterRecord, volume: &Volume, flags: u32) {
         None => 0,
         Some(setup) => {
             let objects = related(filter.handle, volume.handle, handle);
+            super::context::instance_setting_up(handle, filter.handle, volume.handle);
             // SAFETY: the driver registered this callback and is loaded; `objects` lives for the call.
             unsafe { setup(&raw const objects, flags, volume.spec.device_type, volume.spec.file_system) }
         }
@@ -125,6 +126,7 @@ fn attach(filter: &FilterRecord, volume: &Volume, flags: u32) {
         attached: status >= 0,
         teardown_reason: None,
     });
+    super::context::instance_setup_done(handle, status >= 0);
 }
 
 /// `FltStartFiltering`: attaches `filter` to every mounted volume.

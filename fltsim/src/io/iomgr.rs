@@ -374,6 +374,14 @@ pub fn is_open_file_object(file_object: *const FILE_OBJECT) -> bool {
         || handle_of(file_object).is_some()
 }
 
+/// The file system's open behind an opened `file_object`, in post-create too (file contexts need its file ID).
+pub(crate) fn open_of_file_object(file_object: *const FILE_OBJECT) -> Option<(OpenId, Volume)> {
+    let in_create =
+        OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).get(&(file_object as usize)).copied();
+    let file = describe(file_object)?;
+    Some((in_create.or(file.open)?, file.volume))
+}
+
 /// `IoReplaceFileObjectName`: PASSIVE_LEVEL, on a file object whose create is in progress (a pre-create
 /// callback's); replaces `FileName` with `NewFileName` (`FileNameLength` bytes).
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-ioreplacefileobjectname>.
