@@ -605,6 +605,24 @@ pub unsafe extern "system" fn FltSetInstanceContext(
     })
 }
 
+/// The preconditions of the `FltGet*Context` routines that take an instance: ≤ APC_LEVEL, an attached instance and a
+/// place for the context. Reports and returns false when one fails.
+fn get_preconditions(
+    api: &'static str,
+    docs: &'static str,
+    instance: PFLT_INSTANCE,
+    context: *mut PFLT_CONTEXT,
+) -> bool {
+    if !thread::require_irql_at_most(api, irql::APC, docs) {
+        return false;
+    }
+    if instance_of_filter(instance).is_none() || context.is_null() {
+        verifier::report(Rule::InvalidArgument, api, "an attached instance and a place for the context are required");
+        return false;
+    }
+    true
+}
+
 /// `FltGetInstanceContext`: ≤ APC_LEVEL; the instance's context referenced for the caller, or `STATUS_NOT_FOUND`.
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltgetinstancecontext>.
 ///
@@ -614,15 +632,7 @@ pub unsafe extern "system" fn FltSetInstanceContext(
 pub unsafe extern "system" fn FltGetInstanceContext(instance: PFLT_INSTANCE, context: *mut PFLT_CONTEXT) -> NTSTATUS {
     const API: &str = "FltGetInstanceContext";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        if !thread::require_irql_at_most(API, irql::APC, INSTANCE_DOCS) {
-            return STATUS_INVALID_PARAMETER;
-        }
-        if instance_of_filter(instance).is_none() || context.is_null() {
-            verifier::report(
-                Rule::InvalidArgument,
-                API,
-                "an attached instance and a place for the context are required",
-            );
+        if !get_preconditions(API, INSTANCE_DOCS, instance, context) {
             return STATUS_INVALID_PARAMETER;
         }
         lookup(Target::Instance(instance), context)
@@ -787,15 +797,7 @@ pub unsafe extern "system" fn FltGetFileContext(
 ) -> NTSTATUS {
     const API: &str = "FltGetFileContext";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        if !thread::require_irql_at_most(API, irql::APC, FILE_DOCS) {
-            return STATUS_INVALID_PARAMETER;
-        }
-        if instance_of_filter(instance).is_none() || context.is_null() {
-            verifier::report(
-                Rule::InvalidArgument,
-                API,
-                "an attached instance and a place for the context are required",
-            );
+        if !get_preconditions(API, FILE_DOCS, instance, context) {
             return STATUS_INVALID_PARAMETER;
         }
         match file_of(API, file_object) {
