@@ -30,8 +30,8 @@ use windows_sys::{
             FLT_POSTOP_MORE_PROCESSING_REQUIRED, FLT_PREOP_COMPLETE, FLT_PREOP_DISALLOW_FASTIO,
             FLT_PREOP_DISALLOW_FSFILTER_IO, FLT_PREOP_PENDING, FLT_PREOP_SUCCESS_NO_CALLBACK,
             FLT_PREOP_SUCCESS_WITH_CALLBACK, FLT_PREOP_SYNCHRONIZE, FLT_RELATED_OBJECTS,
-            FLTFL_CALLBACK_DATA_IRP_OPERATION, FLTFL_POST_OPERATION_DRAINING, IRP_MJ_QUERY_OPEN, PFLT_FILTER,
-            PFLT_INSTANCE, PFLT_POST_OPERATION_CALLBACK, PFLT_VOLUME,
+            FLTFL_CALLBACK_DATA_FAST_IO_OPERATION, FLTFL_CALLBACK_DATA_IRP_OPERATION, FLTFL_POST_OPERATION_DRAINING,
+            IRP_MJ_QUERY_OPEN, PFLT_FILTER, PFLT_INSTANCE, PFLT_POST_OPERATION_CALLBACK, PFLT_VOLUME,
         },
     },
     Win32::Foundation::{NTSTATUS, STATUS_CANCELLED, STATUS_PENDING},
@@ -162,6 +162,14 @@ impl Request {
     #[must_use]
     pub fn fs_filter_operation(mut self) -> Self {
         self.data.Flags = windows_sys::Wdk::Storage::FileSystem::Minifilters::FLTFL_CALLBACK_DATA_FS_FILTER_OPERATION;
+        self
+    }
+
+    /// Marks the operation as a fast I/O operation (such as `IRP_MJ_NETWORK_QUERY_OPEN`) rather than an IRP: a
+    /// filter may refuse it with `FLT_PREOP_DISALLOW_FASTIO`, and may not pend it.
+    #[must_use]
+    pub fn fast_io_operation(mut self) -> Self {
+        self.data.Flags = FLTFL_CALLBACK_DATA_FAST_IO_OPERATION;
         self
     }
 
@@ -434,7 +442,9 @@ fn continue_pended(
         verifier::report(
             Rule::StatusNotAllowedForOperation,
             PRE,
-            "FLT_PREOP_PENDING for an operation that is not IRP-based",
+            format!(
+                "FLT_PREOP_PENDING for major {major:#04x}, an operation that is not IRP-based (fast I/O or FS filter)"
+            ),
         );
     }
     let data = request.data();
@@ -518,11 +528,19 @@ fn pre_status(
             }
             PreDecision::Completed
         }
+        FLT_PREOP_DISALLOW_FASTIO if request.data.Flags & FLTFL_CALLBACK_DATA_FAST_IO_OPERATION != 0 => {
+            // The fast I/O is refused: it goes no further down and fails, and the I/O manager takes the IRP path.
+            // See <https://learn.microsoft.com/windows-hardware/drivers/ifs/flt-parameters-for-irp-mj-network-query-open>.
+            request.complete(windows_sys::Win32::Foundation::STATUS_FLT_DISALLOW_FAST_IO, 0);
+            PreDecision::Completed
+        }
         FLT_PREOP_DISALLOW_FASTIO => {
             verifier::report(
                 Rule::StatusNotAllowedForOperation,
                 PRE,
-                "FLT_PREOP_DISALLOW_FASTIO for an IRP-based operation (it is only for fast I/O)",
+                format!(
+                    "FLT_PREOP_DISALLOW_FASTIO for major {major:#04x}, not a fast I/O operation (it is only for fast I/O)"
+                ),
             );
             PreDecision::Continue
         }
@@ -596,6 +614,14 @@ fn call_post(
         FLT_POSTOP_DISALLOW_FSFILTER_IO if u16::from(major) == IRP_MJ_QUERY_OPEN & 0xFF => {
             request.complete(windows_sys::Win32::Foundation::STATUS_FLT_DISALLOW_FSFILTER_IO, 0);
         }
+        FLT_POSTOP_DISALLOW_FSFILTER_IO => verifier::report(
+            Rule::InvalidPostOpStatus,
+            POST,
+            format!(
+                "returned FLT_POSTOP_DISALLOW_FSFILTER_IO for major {major:#04x} (only IRP_MJ_QUERY_OPEN; a fast I/O \
+                 operation cannot be refused once the file system answered)"
+            ),
+        ),
         other => verifier::report(Rule::InvalidPostOpStatus, POST, format!("returned {other}")),
     }
     if pended { PostDecision::Pended } else { PostDecision::Continue }

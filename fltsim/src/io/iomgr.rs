@@ -27,10 +27,10 @@ use windows_sys::{
     },
     Win32::{
         Foundation::{
-            NTSTATUS, STATUS_ACCESS_DENIED, STATUS_FILE_LOCK_CONFLICT, STATUS_FLT_DISALLOW_FSFILTER_IO,
-            STATUS_INVALID_PARAMETER, STATUS_MOUNT_POINT_NOT_RESOLVED, STATUS_NOT_SAME_DEVICE,
-            STATUS_OBJECT_PATH_NOT_FOUND, STATUS_REPARSE, STATUS_REPARSE_POINT_NOT_RESOLVED, STATUS_SUCCESS,
-            UNICODE_STRING,
+            NTSTATUS, STATUS_ACCESS_DENIED, STATUS_FILE_LOCK_CONFLICT, STATUS_FLT_DISALLOW_FAST_IO,
+            STATUS_FLT_DISALLOW_FSFILTER_IO, STATUS_INVALID_PARAMETER, STATUS_MOUNT_POINT_NOT_RESOLVED,
+            STATUS_NOT_SAME_DEVICE, STATUS_OBJECT_PATH_NOT_FOUND, STATUS_REPARSE, STATUS_REPARSE_POINT_NOT_RESOLVED,
+            STATUS_SUCCESS, UNICODE_STRING,
         },
         Storage::FileSystem::{
             FILE_APPEND_DATA, FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA, SYNCHRONIZE,
@@ -43,7 +43,10 @@ use super::{
     fs::{self, CreateParams, OpenId, StreamId},
     volumes,
 };
-use windows_sys::Wdk::Storage::FileSystem::Minifilters::IRP_MJ_QUERY_OPEN;
+use windows_sys::Wdk::Storage::FileSystem::{
+    FileNetworkOpenInformation,
+    Minifilters::{IRP_MJ_NETWORK_QUERY_OPEN, IRP_MJ_QUERY_OPEN},
+};
 
 use crate::fltmgr::dispatch::{IRP_MJ_CREATE, Origin, Request, dispatch};
 
@@ -885,8 +888,37 @@ pub fn query_information(handle: &Handle, class: i32, length: u32) -> Result<Vec
 pub struct QueriedByName {
     /// The information, laid out as the class's structure.
     pub data: Vec<u8>,
-    /// Whether the fast path (`IRP_MJ_QUERY_OPEN`) answered; otherwise a full create, query and close did.
+    /// Whether the fast path (`IRP_MJ_QUERY_OPEN` or `IRP_MJ_NETWORK_QUERY_OPEN`) answered; otherwise a full
+    /// create, query and close did.
     pub fast: bool,
+}
+
+/// The fast path a query by name tries first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FastQuery {
+    /// `IRP_MJ_QUERY_OPEN`, a file-system filter operation, refused with `FLT_PREOP_DISALLOW_FSFILTER_IO` or
+    /// `FLT_POSTOP_DISALLOW_FSFILTER_IO`.
+    QueryOpen,
+    /// `IRP_MJ_NETWORK_QUERY_OPEN`, a fast I/O operation, refused with `FLT_PREOP_DISALLOW_FASTIO` (in pre only).
+    NetworkQueryOpen,
+}
+
+impl FastQuery {
+    fn major(self) -> u8 {
+        let code = match self {
+            Self::QueryOpen => IRP_MJ_QUERY_OPEN,
+            Self::NetworkQueryOpen => IRP_MJ_NETWORK_QUERY_OPEN,
+        };
+        u8::try_from(code & 0xFF).unwrap_or(u8::MAX)
+    }
+
+    /// The status the fast path fails with when a filter refuses it.
+    fn refused(self) -> NTSTATUS {
+        match self {
+            Self::QueryOpen => STATUS_FLT_DISALLOW_FSFILTER_IO,
+            Self::NetworkQueryOpen => STATUS_FLT_DISALLOW_FAST_IO,
+        }
+    }
 }
 
 /// `NtQueryInformationByName` (what `GetFileInformationByName` and attribute queries use): first the fast path,
@@ -901,11 +933,30 @@ pub struct QueriedByName {
 /// # Errors
 /// The status of the slow path's create or query, or the fast path's failure other than a refusal.
 pub fn query_by_name(path: &str, class: i32, params: &OpenParams) -> Result<QueriedByName, NTSTATUS> {
+    query_by_name_via(FastQuery::QueryOpen, path, class, params)
+}
+
+/// `NtQueryFullAttributesFile` (`FILE_NETWORK_OPEN_INFORMATION` by name): first the fast path,
+/// `IRP_MJ_NETWORK_QUERY_OPEN` through the filters as a fast I/O operation (`FLTFL_CALLBACK_DATA_FAST_IO_OPERATION`)
+/// on a stack file object, with `Parameters.NetworkQueryOpen.NetworkInformation` pointing at the answer's buffer;
+/// when a filter refuses it in pre-operation (`FLT_PREOP_DISALLOW_FASTIO`; a post-operation callback cannot refuse
+/// it, the file system has answered) or the name crosses a reparse point, the slow path: a full `IRP_MJ_CREATE`, a
+/// `FileNetworkOpenInformation` query and a close. The model passes no create IRP in
+/// `Parameters.NetworkQueryOpen.Irp` (NULL). Filters must not reference the stack file object.
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ifs/flt-parameters-for-irp-mj-network-query-open>.
+///
+/// # Errors
+/// The status of the slow path's create or query, or the fast path's failure other than a refusal.
+pub fn query_full_attributes(path: &str, params: &OpenParams) -> Result<QueriedByName, NTSTATUS> {
+    query_by_name_via(FastQuery::NetworkQueryOpen, path, FileNetworkOpenInformation, params)
+}
+
+fn query_by_name_via(fast: FastQuery, path: &str, class: i32, params: &OpenParams) -> Result<QueriedByName, NTSTATUS> {
     let (volume, within) = split_drive(path)?;
     let length = u32::try_from(super::info::query_size(class).unwrap_or(0)).unwrap_or(0);
-    match query_open_fast(&volume, &within, class, length, params) {
+    match query_open_fast(fast, &volume, &within, class, length, params) {
         Ok(data) => return Ok(QueriedByName { data, fast: true }),
-        Err(status) if status != STATUS_FLT_DISALLOW_FSFILTER_IO && status != STATUS_REPARSE => return Err(status),
+        Err(status) if status != fast.refused() && status != STATUS_REPARSE => return Err(status),
         Err(_) => {}
     }
     let handle = create_on(&volume, &within, params, Origin::default(), 1)?;
@@ -915,6 +966,7 @@ pub fn query_by_name(path: &str, class: i32, params: &OpenParams) -> Result<Quer
 }
 
 fn query_open_fast(
+    fast: FastQuery,
     volume: &Volume,
     within: &str,
     class: i32,
@@ -924,16 +976,26 @@ fn query_open_fast(
     let mut file_object = new_file_object(within, true);
     let mut buffer = vec![0u8; usize::try_from(length).unwrap_or(0)];
     let mut length_in_out = length;
-    let major = u8::try_from(IRP_MJ_QUERY_OPEN & 0xFF).unwrap_or(u8::MAX);
-    let mut request = Request::new(major, &raw mut file_object.object, params.kernel_mode).fs_filter_operation();
+    let request = Request::new(fast.major(), &raw mut file_object.object, params.kernel_mode);
+    let mut request = match fast {
+        FastQuery::QueryOpen => request.fs_filter_operation(),
+        FastQuery::NetworkQueryOpen => request.fast_io_operation(),
+    };
     {
         let iopb = request.iopb();
         if params.case_sensitive {
             iopb.OperationFlags |= u8::try_from(SL_CASE_SENSITIVE).unwrap_or(0);
         }
-        iopb.Parameters.QueryOpen.FileInformation = buffer.as_mut_ptr().cast();
-        iopb.Parameters.QueryOpen.Length = &raw mut length_in_out;
-        iopb.Parameters.QueryOpen.FileInformationClass = class;
+        match fast {
+            FastQuery::QueryOpen => {
+                iopb.Parameters.QueryOpen.FileInformation = buffer.as_mut_ptr().cast();
+                iopb.Parameters.QueryOpen.Length = &raw mut length_in_out;
+                iopb.Parameters.QueryOpen.FileInformationClass = class;
+            }
+            FastQuery::NetworkQueryOpen => {
+                iopb.Parameters.NetworkQueryOpen.NetworkInformation = buffer.as_mut_ptr().cast();
+            }
+        }
     }
     let identity = access_identity(params);
     dispatch(volume.handle, &mut request, |request| {
