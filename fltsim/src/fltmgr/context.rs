@@ -416,11 +416,7 @@ fn set_context(call: &SetCall) -> NTSTATUS {
 /// A set call on a file object: an attached instance and an opened file object (not in pre-create).
 fn set_file_object_context(call: &SetCall, instance: PFLT_INSTANCE, file_object: *const FILE_OBJECT) -> NTSTATUS {
     let api = call.api;
-    if !thread::require_irql_at_most(api, irql::APC, call.docs) {
-        return STATUS_INVALID_PARAMETER;
-    }
-    let Some(filter) = instance_of_filter(instance) else {
-        verifier::report(Rule::InvalidArgument, api, format!("{instance:#x} is not an attached instance"));
+    let Some(filter) = attached_filter(api, call.docs, instance) else {
         return STATUS_INVALID_PARAMETER;
     };
     if !crate::io::iomgr::is_open_file_object(file_object) {
@@ -436,15 +432,31 @@ fn set_file_object_context(call: &SetCall, instance: PFLT_INSTANCE, file_object:
     set_context(&SetCall { filter: Some(filter), ..*call })
 }
 
-fn get_context(api: &'static str, instance: PFLT_INSTANCE, target: Target, context: *mut PFLT_CONTEXT) -> NTSTATUS {
-    if !thread::require_irql_at_most(api, irql::APC, SET_DOCS) {
-        return STATUS_INVALID_PARAMETER;
-    }
-    if instance_of_filter(instance).is_none() || context.is_null() {
-        verifier::report(Rule::InvalidArgument, api, "an attached instance and a place for the context are required");
+/// A `FltGet*Context` call on an instance's `target`: [`get_preconditions`], then [`lookup`].
+fn get_context(
+    api: &'static str,
+    docs: &'static str,
+    instance: PFLT_INSTANCE,
+    target: Target,
+    context: *mut PFLT_CONTEXT,
+) -> NTSTATUS {
+    if !get_preconditions(api, docs, instance, context) {
         return STATUS_INVALID_PARAMETER;
     }
     lookup(target, context)
+}
+
+/// The filter of `instance` for a `FltSet*Context` call that takes an instance: ≤ APC_LEVEL (per `docs`) and an
+/// attached instance. Reports and returns `None` when one fails.
+fn attached_filter(api: &'static str, docs: &'static str, instance: PFLT_INSTANCE) -> Option<PFLT_FILTER> {
+    if !thread::require_irql_at_most(api, irql::APC, docs) {
+        return None;
+    }
+    let filter = instance_of_filter(instance);
+    if filter.is_none() {
+        verifier::report(Rule::InvalidArgument, api, format!("{instance:#x} is not an attached instance"));
+    }
+    filter
 }
 
 /// The context attached to `target`, referenced for the caller in `*context`, or `STATUS_NOT_FOUND`.
@@ -510,7 +522,7 @@ pub unsafe extern "system" fn FltGetStreamHandleContext(
 ) -> NTSTATUS {
     const API: &str = "FltGetStreamHandleContext";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        get_context(API, instance, Target::StreamHandle(instance, file_object as usize), context)
+        get_context(API, SET_DOCS, instance, Target::StreamHandle(instance, file_object as usize), context)
     })
 }
 
@@ -564,7 +576,7 @@ pub unsafe extern "system" fn FltGetStreamContext(
             verifier::report(Rule::InvalidArgument, API, format!("{file_object:?} is not an opened file object"));
             return STATUS_INVALID_PARAMETER;
         }
-        get_context(API, instance, Target::Stream(instance, stream_of(file_object)), context)
+        get_context(API, SET_DOCS, instance, Target::Stream(instance, stream_of(file_object)), context)
     })
 }
 
@@ -585,11 +597,7 @@ pub unsafe extern "system" fn FltSetInstanceContext(
 ) -> NTSTATUS {
     const API: &str = "FltSetInstanceContext";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        if !thread::require_irql_at_most(API, irql::APC, INSTANCE_DOCS) {
-            return STATUS_INVALID_PARAMETER;
-        }
-        let Some(filter) = instance_of_filter(instance) else {
-            verifier::report(Rule::InvalidArgument, API, format!("{instance:#x} is not an attached instance"));
+        let Some(filter) = attached_filter(API, INSTANCE_DOCS, instance) else {
             return STATUS_INVALID_PARAMETER;
         };
         set_context(&SetCall {
@@ -632,10 +640,7 @@ fn get_preconditions(
 pub unsafe extern "system" fn FltGetInstanceContext(instance: PFLT_INSTANCE, context: *mut PFLT_CONTEXT) -> NTSTATUS {
     const API: &str = "FltGetInstanceContext";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        if !get_preconditions(API, INSTANCE_DOCS, instance, context) {
-            return STATUS_INVALID_PARAMETER;
-        }
-        lookup(Target::Instance(instance), context)
+        get_context(API, INSTANCE_DOCS, instance, Target::Instance(instance), context)
     })
 }
 
@@ -758,11 +763,7 @@ pub unsafe extern "system" fn FltSetFileContext(
 ) -> NTSTATUS {
     const API: &str = "FltSetFileContext";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        if !thread::require_irql_at_most(API, irql::APC, FILE_DOCS) {
-            return STATUS_INVALID_PARAMETER;
-        }
-        let Some(filter) = instance_of_filter(instance) else {
-            verifier::report(Rule::InvalidArgument, API, format!("{instance:#x} is not an attached instance"));
+        let Some(filter) = attached_filter(API, FILE_DOCS, instance) else {
             return STATUS_INVALID_PARAMETER;
         };
         let (volume, id) = match file_of(API, file_object) {
