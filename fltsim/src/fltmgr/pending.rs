@@ -420,6 +420,29 @@ fn target_filter(data: &FLT_CALLBACK_DATA) -> Option<(PFLT_FILTER, bool)> {
     instances().into_iter().find(|i| i.handle == instance).map(|i| (i.filter, i.attached))
 }
 
+/// The checks both queue routines make first: ≤ DISPATCH_LEVEL (per `docs`), a known queue type, a routine and an
+/// allocated item (its address). Reports and returns `None` when one fails; otherwise the routine.
+fn check_queue_call<R>(
+    api: &'static str,
+    docs: &'static str,
+    item: usize,
+    routine: Option<R>,
+    queue_type: WORK_QUEUE_TYPE,
+) -> Option<R> {
+    if !thread::require_irql_at_most(api, irql::DISPATCH, docs) || !check_queue_type(api, queue_type) {
+        return None;
+    }
+    let Some(routine) = routine else {
+        verifier::report(Rule::InvalidArgument, api, "WorkerRoutine is NULL");
+        return None;
+    };
+    if !with_items(|i| i.contains_key(&item)) {
+        verifier::report(Rule::InvalidArgument, api, format!("{item:#x} is not an allocated work item"));
+        return None;
+    }
+    Some(routine)
+}
+
 /// `FltQueueDeferredIoWorkItem`.
 ///
 /// Rules: ≤ DISPATCH_LEVEL; an allocated item; `CriticalWorkQueue` or `DelayedWorkQueue`. Fails with
@@ -441,19 +464,11 @@ pub unsafe extern "system" fn FltQueueDeferredIoWorkItem(
 ) -> NTSTATUS {
     const API: &str = "FltQueueDeferredIoWorkItem";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        if !thread::require_irql_at_most(API, irql::DISPATCH, FLTQUEUEDEFERREDIOWORKITEM)
-            || !check_queue_type(API, queue_type)
-        {
-            return STATUS_INVALID_PARAMETER;
-        }
-        let Some(routine) = routine else {
-            verifier::report(Rule::InvalidArgument, API, "WorkerRoutine is NULL");
+        let Some(routine) =
+            check_queue_call(API, FLTQUEUEDEFERREDIOWORKITEM, item.cast_unsigned(), routine, queue_type)
+        else {
             return STATUS_INVALID_PARAMETER;
         };
-        if !with_items(|i| i.contains_key(&item.cast_unsigned())) {
-            verifier::report(Rule::InvalidArgument, API, format!("{item:#x} is not an allocated work item"));
-            return STATUS_INVALID_PARAMETER;
-        }
         // SAFETY: the driver passes the callback data of an operation in progress, which the model owns.
         let Some(callback_data) = (unsafe { data.as_ref() }) else {
             verifier::report(Rule::InvalidArgument, API, "Data is NULL");
@@ -500,19 +515,10 @@ pub extern "system" fn FltQueueGenericWorkItem(
 ) -> NTSTATUS {
     const API: &str = "FltQueueGenericWorkItem";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        if !thread::require_irql_at_most(API, irql::DISPATCH, FLTQUEUEGENERICWORKITEM)
-            || !check_queue_type(API, queue_type)
-        {
-            return STATUS_INVALID_PARAMETER;
-        }
-        let Some(routine) = routine else {
-            verifier::report(Rule::InvalidArgument, API, "WorkerRoutine is NULL");
+        let Some(routine) = check_queue_call(API, FLTQUEUEGENERICWORKITEM, item.cast_unsigned(), routine, queue_type)
+        else {
             return STATUS_INVALID_PARAMETER;
         };
-        if !with_items(|i| i.contains_key(&item.cast_unsigned())) {
-            verifier::report(Rule::InvalidArgument, API, format!("{item:#x} is not an allocated work item"));
-            return STATUS_INVALID_PARAMETER;
-        }
         let object = flt_object as isize;
         let filter = super::registration::filters()
             .into_iter()
