@@ -344,6 +344,12 @@ pub fn take_reports() -> Vec<Report> {
     std::mem::take(&mut *REPORTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
+/// Removes every report recorded so far and returns the rules they broke, in order.
+#[must_use]
+pub fn take_rules() -> Vec<Rule> {
+    take_reports().into_iter().map(|r| r.rule).collect()
+}
+
 /// The rules broken so far, in order, without removing the reports.
 #[must_use]
 pub fn broken_rules() -> Vec<Rule> {

@@ -22,7 +22,7 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     scenario,
     testfilters::build::{END, Table, open_file, operation, register_and_start, registration, unregister},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::{
@@ -259,9 +259,7 @@ fn setup(mode: Mode) -> (fltsim::LoadedDriver, Receiver<Completed>) {
     MODE.store(mode as u8, Ordering::SeqCst);
     let (sender, receiver) = mpsc::channel();
     *COMPLETED.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
-    let root = std::env::temp_dir().join(format!("fltsim-async-io-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("async-io");
     std::fs::write(root.join("source.txt"), b"source data").expect("seed");
     std::fs::write(root.join("backing.txt"), b"backing data").expect("seed");
     let _volume = io::mount(VolumeSpec::ntfs('C', &root));
@@ -282,10 +280,6 @@ fn wait_for_callback(receiver: &Receiver<Completed>) -> Completed {
     receiver.recv_timeout(Duration::from_mins(1)).expect("the completion callback runs")
 }
 
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
-}
-
 scenario! {
     fn an_asynchronous_read_pends_and_its_callback_gets_the_data_on_a_worker() {
         let (mut driver, receiver) = setup(Mode::Read);
@@ -303,7 +297,7 @@ scenario! {
         assert!(done.thread_name.starts_with("System: worker"), "on a system worker, not {}", done.thread_name);
         driver.unload(false).expect("unload");
         assert_eq!(outstanding_async_io(), 0);
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -317,7 +311,7 @@ scenario! {
         assert_eq!(done.information, 0);
         assert_eq!(done.data, b"");
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -336,7 +330,7 @@ scenario! {
         let contents = iomgr::read(&handle, Some(0), 64).expect("the backing reads");
         iomgr::close(handle);
         assert_eq!(contents, b"async!g data");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -349,13 +343,13 @@ scenario! {
         assert_eq!(outstanding_async_io(), 1);
         driver.unload(false).expect("unload");
         // The buffer still in flight is still allocated, so it is also pool left at unload.
-        assert_eq!(rules(), [Rule::AsyncIoOutstandingAtUnload, Rule::PoolLeak]);
+        assert_eq!(take_rules(), [Rule::AsyncIoOutstandingAtUnload, Rule::PoolLeak]);
         drop(hold);
         let done = wait_for_callback(&receiver);
         assert_eq!(done.status, STATUS_SUCCESS);
         assert_eq!(done.data, b"backing data");
         fltsim::kernel::work::drain();
         assert_eq!(outstanding_async_io(), 0);
-        assert_eq!(rules(), [], "reported once, not again when it completes");
+        assert_eq!(take_rules(), [], "reported once, not again when it completes");
     }
 }

@@ -11,7 +11,7 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::{take_reports, take_rules},
 };
 use windows_sys::{
     Wdk::{
@@ -123,9 +123,7 @@ static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OP
 fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn mount() -> io::Volume {
-    let root = std::env::temp_dir().join(format!("fltsim-cancel-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("cancel");
     std::fs::write(root.join("deny.txt"), b"secret").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root))
 }
@@ -143,7 +141,7 @@ fn deny_then_reopen(mode: Mode) -> (Result<(), NTSTATUS>, Vec<Rule>) {
     driver.unload(false).expect("unload");
     let again = iomgr::create(r"C:\deny.txt", &exclusive).expect("nothing holds the file any more");
     iomgr::close(again);
-    (first, take_reports().into_iter().map(|r| r.rule).collect())
+    (first, take_rules())
 }
 
 scenario! {
@@ -237,6 +235,6 @@ scenario! {
 
         let (status, _, _) = properties(&volume, fixed - 1);
         assert_eq!(status, STATUS_BUFFER_TOO_SMALL);
-        assert_eq!(take_reports().into_iter().map(|r| r.rule).collect::<Vec<_>>(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }

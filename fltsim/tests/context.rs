@@ -13,7 +13,7 @@ use fltsim::{
     kernel::thread,
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::Storage::FileSystem::Minifilters::{
@@ -204,9 +204,7 @@ fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(mode: Mode) -> fltsim::LoadedDriver {
     MODE.store(mode as u8, Ordering::SeqCst);
-    let root = std::env::temp_dir().join(format!("fltsim-context-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("context");
     std::fs::write(root.join("file.txt"), b"data").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
     fltsim::registry::install_minifilter_service("contexttest", "Context Instance", "140000");
@@ -219,10 +217,6 @@ fn open_read_close() {
     iomgr::close(handle);
 }
 
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
-}
-
 scenario! {
     fn a_stream_handle_context_lives_from_post_create_to_close() {
         let mut driver = setup(Mode::Correct);
@@ -231,7 +225,7 @@ scenario! {
         assert_eq!(CLEANUPS.load(Ordering::SeqCst), 1, "closing the file object cleaned it up once");
         assert_eq!(CLEANUP_IRQL.load(Ordering::SeqCst), 1, "cleanup runs at APC_LEVEL");
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -239,7 +233,7 @@ scenario! {
     fn releasing_a_context_too_often_is_reported() {
         let _driver = setup(Mode::ReleaseTwice);
         open_read_close();
-        assert_eq!(rules()[0], Rule::ContextMisuse);
+        assert_eq!(take_rules()[0], Rule::ContextMisuse);
     }
 }
 
@@ -247,7 +241,7 @@ scenario! {
     fn using_a_freed_context_is_reported() {
         let _driver = setup(Mode::UseAfterFree);
         open_read_close();
-        assert_eq!(rules(), [Rule::ContextMisuse]);
+        assert_eq!(take_rules(), [Rule::ContextMisuse]);
     }
 }
 
@@ -256,7 +250,7 @@ scenario! {
         let mut driver = setup(Mode::Leak);
         open_read_close();
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), [Rule::ContextLeak]);
+        assert_eq!(take_rules(), [Rule::ContextLeak]);
     }
 }
 
@@ -264,7 +258,7 @@ scenario! {
     fn setting_a_stream_handle_context_in_pre_create_is_reported() {
         let _driver = setup(Mode::SetInPreCreate);
         open_read_close();
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }
 
@@ -272,7 +266,7 @@ scenario! {
     fn a_passive_only_call_from_a_context_cleanup_is_reported() {
         let _driver = setup(Mode::CleanupCallsFltClose);
         open_read_close();
-        assert_eq!(rules(), [Rule::IrqlTooHigh]);
+        assert_eq!(take_rules(), [Rule::IrqlTooHigh]);
     }
 }
 
@@ -281,6 +275,6 @@ scenario! {
         let _driver = setup(Mode::UnregisteredType);
         open_read_close();
         assert_eq!(ALLOCATE_STATUS.load(Ordering::SeqCst), STATUS_FLT_CONTEXT_ALLOCATION_NOT_FOUND as isize);
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }

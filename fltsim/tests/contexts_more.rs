@@ -13,7 +13,7 @@ use fltsim::{
     io::{self, VolumeSpec, info, iomgr},
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::Storage::FileSystem::{
@@ -259,9 +259,7 @@ fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup_driver(mode: Mode) -> fltsim::LoadedDriver {
     MODE.store(mode as u8, Ordering::SeqCst);
-    let root = std::env::temp_dir().join(format!("fltsim-contexts-more-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("contexts-more");
     std::fs::write(root.join("file.txt"), b"data").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
     fltsim::registry::install_minifilter_service("contextsmore", "ContextsMore Instance", "140010");
@@ -271,10 +269,6 @@ fn setup_driver(mode: Mode) -> fltsim::LoadedDriver {
 fn open_close() {
     let handle = iomgr::create(r"C:\file.txt", &iomgr::OpenParams::default()).expect("open");
     iomgr::close(handle);
-}
-
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
 }
 
 scenario! {
@@ -288,7 +282,7 @@ scenario! {
         driver.unload(false).expect("unload");
         assert_eq!(INSTANCE_CLEANUPS.load(Ordering::SeqCst), 1, "teardown released the instance context once");
         assert_eq!(VOLUME_CLEANUPS.load(Ordering::SeqCst), 1, "unregistering released the volume context once");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -328,7 +322,7 @@ scenario! {
         driver.unload(false).expect("unload");
         assert_eq!(INSTANCE_CLEANUPS.load(Ordering::SeqCst), 2);
         assert_eq!(VOLUME_CLEANUPS.load(Ordering::SeqCst), 2);
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -337,22 +331,22 @@ scenario! {
         let mut driver = setup_driver(Mode::Nothing);
         let (status, _) = allocate_status(FLT_STREAM_CONTEXT);
         assert_eq!(status, STATUS_FLT_CONTEXT_ALLOCATION_NOT_FOUND, "a type the filter did not register");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
         let (status, _) = allocate_status(0x3);
         assert_eq!(status, STATUS_INVALID_PARAMETER, "not a context type at all");
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
         let volume_context = allocate(FLT_VOLUME_CONTEXT);
         assert_eq!(set_instance(FLT_SET_CONTEXT_KEEP_IF_EXISTS, volume_context, null_mut()), STATUS_INVALID_PARAMETER);
-        assert_eq!(rules(), [Rule::InvalidArgument], "a volume context is not an instance context");
+        assert_eq!(take_rules(), [Rule::InvalidArgument], "a volume context is not an instance context");
         let instance_context = allocate(FLT_INSTANCE_CONTEXT);
         assert_eq!(set_volume(FLT_SET_CONTEXT_KEEP_IF_EXISTS, instance_context, null_mut()), STATUS_INVALID_PARAMETER);
-        assert_eq!(rules(), [Rule::InvalidArgument], "an instance context is not a volume context");
+        assert_eq!(take_rules(), [Rule::InvalidArgument], "an instance context is not a volume context");
         assert_eq!(set_instance(7, instance_context, null_mut()), STATUS_INVALID_PARAMETER);
-        assert_eq!(rules(), [Rule::InvalidArgument], "an undefined operation");
+        assert_eq!(take_rules(), [Rule::InvalidArgument], "an undefined operation");
         release(volume_context);
         release(instance_context);
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -363,7 +357,7 @@ scenario! {
         driver.unload(false).expect("unload");
         assert_eq!(INSTANCE_CLEANUPS.load(Ordering::SeqCst), 0, "the kept reference keeps it alive");
         assert_eq!(VOLUME_CLEANUPS.load(Ordering::SeqCst), 1);
-        assert_eq!(rules(), [Rule::ContextLeak]);
+        assert_eq!(take_rules(), [Rule::ContextLeak]);
     }
 }
 
@@ -374,7 +368,7 @@ scenario! {
         open_close();
         assert_eq!(FOUND_IN_CREATE.load(Ordering::SeqCst), 0, "no instance, no callbacks");
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -405,7 +399,7 @@ scenario! {
         assert_eq!(FILE_SETS.load(Ordering::SeqCst), 3, "a later open of the file starts afresh");
         assert_eq!(FILE_CLEANUPS.load(Ordering::SeqCst), 3);
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -416,6 +410,6 @@ scenario! {
         driver.unload(false).expect("unload");
         assert_eq!(FILE_CLEANUPS.load(Ordering::SeqCst), 1, "the instance's teardown released it");
         iomgr::close(handle);
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }

@@ -8,7 +8,7 @@ use fltsim::{
     io::{self, VolumeSpec, info, iomgr},
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::Storage::FileSystem::{
@@ -107,8 +107,7 @@ scenario! {
     /// is refused as documented; a destination on another volume fails as the rename does (whose target-directory
     /// open fails before the filter sees the set).
     fn destination_names_follow_the_format_and_the_target() {
-        let root = std::env::temp_dir().join(format!("fltsim-destination-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let root = io::fresh_root("destination");
         std::fs::create_dir_all(root.join("LongDirectory")).expect("volume root");
         std::fs::write(root.join("LongDirectory").join("file.txt"), b"data").expect("seed");
         io::mount(VolumeSpec::ntfs('C', &root));
@@ -152,7 +151,7 @@ scenario! {
                 ),
             ]
         );
-        let rules: Vec<Rule> = take_reports().into_iter().map(|r| r.rule).collect();
+        let rules: Vec<Rule> = take_rules();
         assert!(rules.is_empty(), "{rules:?}");
     }
 }

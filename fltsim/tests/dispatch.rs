@@ -13,7 +13,7 @@ use fltsim::{
     kernel::thread,
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::Storage::FileSystem::Minifilters::{
@@ -145,18 +145,12 @@ fltsim::minifilter_entry_points!(REGISTRATION);
 /// Mounts C: on a fresh host directory holding `hello.txt`, loads the test filter in `mode`.
 fn setup(mode: Mode) -> (fltsim::LoadedDriver, PathBuf) {
     MODE.store(mode as u8, Ordering::SeqCst);
-    let root = std::env::temp_dir().join(format!("fltsim-dispatch-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("dispatch");
     std::fs::write(root.join("hello.txt"), b"hello, world").expect("seed file");
     io::mount(VolumeSpec::ntfs('C', &root));
     fltsim::registry::install_minifilter_service("dispatchtest", "Dispatch Instance", "370000");
     let driver = fltsim::load("dispatchtest", driver_entry).expect("load");
     (driver, root)
-}
-
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
 }
 
 scenario! {
@@ -176,7 +170,7 @@ scenario! {
         iomgr::close(handle);
         assert_eq!(std::fs::read(root.join("hello.txt")).expect("host file"), b"HELLO, world");
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -187,7 +181,7 @@ scenario! {
         std::fs::write(root.join("denied.txt"), b"secret").expect("seed");
         assert_eq!(iomgr::create(r"C:\denied.txt", &iomgr::OpenParams::default()), Err(STATUS_ACCESS_DENIED));
         assert!(iomgr::create(r"C:\hello.txt", &iomgr::OpenParams::default()).is_ok());
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -195,7 +189,7 @@ scenario! {
     fn an_invalid_preop_status_is_reported() {
         let (_driver, _root) = setup(Mode::BogusStatus);
         let _ = iomgr::create(r"C:\hello.txt", &iomgr::OpenParams::default());
-        assert_eq!(rules(), [Rule::InvalidPreOpStatus]);
+        assert_eq!(take_rules(), [Rule::InvalidPreOpStatus]);
     }
 }
 
@@ -204,7 +198,7 @@ scenario! {
         let (_driver, _root) = setup(Mode::WithCallbackNoPost);
         let handle = iomgr::create(r"C:\hello.txt", &iomgr::OpenParams::default()).expect("open");
         let _ = iomgr::read(&handle, Some(0), 4);
-        assert_eq!(rules(), [Rule::PostOpMissing]);
+        assert_eq!(take_rules(), [Rule::PostOpMissing]);
     }
 }
 
@@ -212,7 +206,7 @@ scenario! {
     fn a_completion_context_without_a_callback_is_reported() {
         let (_driver, _root) = setup(Mode::ContextWithoutCallback);
         let _ = iomgr::create(r"C:\hello.txt", &iomgr::OpenParams::default());
-        assert_eq!(rules(), [Rule::CompletionContextNotAllowed]);
+        assert_eq!(take_rules(), [Rule::CompletionContextNotAllowed]);
     }
 }
 
@@ -220,7 +214,7 @@ scenario! {
     fn completing_with_status_pending_is_reported() {
         let (_driver, _root) = setup(Mode::CompletePending);
         let _ = iomgr::create(r"C:\hello.txt", &iomgr::OpenParams::default());
-        assert_eq!(rules(), [Rule::CompleteWithPending]);
+        assert_eq!(take_rules(), [Rule::CompleteWithPending]);
     }
 }
 
@@ -228,7 +222,7 @@ scenario! {
     fn synchronizing_a_create_is_reported() {
         let (_driver, _root) = setup(Mode::SynchronizeCreate);
         let _ = iomgr::create(r"C:\hello.txt", &iomgr::OpenParams::default());
-        assert_eq!(rules(), [Rule::StatusNotAllowedForOperation]);
+        assert_eq!(take_rules(), [Rule::StatusNotAllowedForOperation]);
     }
 }
 
@@ -237,7 +231,7 @@ scenario! {
         let (_driver, _root) = setup(Mode::FastIoStatusOnIrp);
         let handle = iomgr::create(r"C:\hello.txt", &iomgr::OpenParams::default()).expect("open");
         let _ = iomgr::read(&handle, Some(0), 4);
-        assert_eq!(rules(), [Rule::StatusNotAllowedForOperation]);
+        assert_eq!(take_rules(), [Rule::StatusNotAllowedForOperation]);
     }
 }
 
@@ -245,6 +239,6 @@ scenario! {
     fn an_invalid_postop_status_is_reported() {
         let (_driver, _root) = setup(Mode::BogusPostStatus);
         let _ = iomgr::create(r"C:\hello.txt", &iomgr::OpenParams::default());
-        assert_eq!(rules(), [Rule::InvalidPostOpStatus]);
+        assert_eq!(take_rules(), [Rule::InvalidPostOpStatus]);
     }
 }

@@ -15,7 +15,7 @@ use fltsim::{
     kernel::thread,
     scenario,
     testfilters::build::{END, Table, open_file, operation, registration},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::{
@@ -161,9 +161,7 @@ fn setup(mode: Mode) -> fltsim::LoadedDriver {
 
 fn setup_volume(mode: Mode) -> (fltsim::LoadedDriver, io::Volume) {
     MODE.store(mode as u8, Ordering::SeqCst);
-    let root = std::env::temp_dir().join(format!("fltsim-fileio-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("fileio");
     std::fs::write(root.join("source.txt"), b"source data").expect("seed");
     std::fs::write(root.join("backing.txt"), b"backing data").expect("seed");
     let volume = io::mount(VolumeSpec::ntfs('C', &root));
@@ -176,17 +174,13 @@ fn open_source() {
     iomgr::close(handle);
 }
 
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
-}
-
 scenario! {
     fn opening_and_reading_below_the_own_instance_breaks_no_rule() {
         let mut driver = setup(Mode::Correct);
         open_source();
         assert_eq!(*READ_BACK.lock().expect("lock"), b"backing data");
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -194,7 +188,7 @@ scenario! {
     fn a_create_from_the_top_of_the_stack_reaches_the_filter_again() {
         let _driver = setup(Mode::FromTheTop);
         open_source();
-        assert_eq!(rules(), [Rule::ReentrantIo, Rule::ReentrantIo, Rule::ReentrantIo]);
+        assert_eq!(take_rules(), [Rule::ReentrantIo, Rule::ReentrantIo, Rule::ReentrantIo]);
     }
 }
 
@@ -202,7 +196,7 @@ scenario! {
     fn a_kernel_open_for_a_user_without_an_access_check_is_reported() {
         let _driver = setup(Mode::NoAccessCheck);
         open_source();
-        assert_eq!(rules(), [Rule::UncheckedOpenForUser]);
+        assert_eq!(take_rules(), [Rule::UncheckedOpenForUser]);
     }
 }
 
@@ -210,7 +204,7 @@ scenario! {
     fn a_handle_without_obj_kernel_handle_is_reported() {
         let _driver = setup(Mode::UserHandle);
         open_source();
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }
 
@@ -219,7 +213,7 @@ scenario! {
         let mut driver = setup(Mode::Leak);
         open_source();
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), [Rule::FileLeak]);
+        assert_eq!(take_rules(), [Rule::FileLeak]);
     }
 }
 
@@ -227,7 +221,7 @@ scenario! {
     fn runaway_recursion_is_reported_and_stopped() {
         let _driver = setup(Mode::Recurse);
         let _ = iomgr::create(r"C:\source.txt", &iomgr::OpenParams::default());
-        let rules = rules();
+        let rules = take_rules();
         assert!(rules.contains(&Rule::RecursiveIo), "{rules:?}");
         assert!(rules.contains(&Rule::ReentrantIo), "{rules:?}");
     }
@@ -237,7 +231,7 @@ scenario! {
     fn a_misaligned_non_cached_read_is_rejected() {
         let _driver = setup(Mode::MisalignedNonCached);
         open_source();
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
         assert!(READ_BACK.lock().expect("lock").is_empty());
     }
 }
@@ -246,7 +240,7 @@ scenario! {
     fn write_to_end_of_file_through_flt_write_file_ex_is_rejected() {
         let _driver = setup(Mode::WriteToEndOfFile);
         open_source();
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }
 
@@ -254,7 +248,7 @@ scenario! {
     fn a_create_with_a_top_level_irp_set_is_reported() {
         let _driver = setup(Mode::Correct);
         thread::with_top_level_irp(0x1000, open_source);
-        assert_eq!(rules(), [Rule::TopLevelIrpSet]);
+        assert_eq!(take_rules(), [Rule::TopLevelIrpSet]);
     }
 }
 
@@ -262,7 +256,7 @@ scenario! {
     fn a_create_inside_a_guarded_region_is_reported() {
         let _driver = setup(Mode::Correct);
         thread::in_guarded_region(open_source);
-        assert_eq!(rules(), [Rule::ApcsDisabled]);
+        assert_eq!(take_rules(), [Rule::ApcsDisabled]);
     }
 }
 
@@ -286,6 +280,6 @@ scenario! {
         });
         fltsim::kernel::process::run_as(&bob, open_source);
         assert_eq!(*READ_BACK.lock().expect("lock"), b"backing data");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }

@@ -13,7 +13,7 @@ use fltsim::{
     io::{self, VolumeSpec, info, iomgr},
     scenario,
     testfilters::build::{END, Table, open_file, operation, registration},
-    verifier::take_reports,
+    verifier::{take_reports, take_rules},
 };
 use windows_sys::{
     Wdk::{
@@ -150,9 +150,7 @@ fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(leak: bool) -> (fltsim::LoadedDriver, std::path::PathBuf) {
     LEAK.store(u8::from(leak), Ordering::SeqCst);
-    let root = std::env::temp_dir().join(format!("fltsim-information-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("information");
     std::fs::write(root.join("source.txt"), b"source").expect("seed");
     std::fs::write(root.join("backing.txt"), b"backing").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
@@ -179,7 +177,7 @@ scenario! {
         let handle = iomgr::create(r"C:\source.txt", &iomgr::OpenParams::default()).expect("open");
         iomgr::close(handle);
         driver.unload(false).expect("unload");
-        assert_eq!(take_reports().into_iter().map(|r| r.rule).collect::<Vec<_>>(), [Rule::CallbackDataLeak]);
+        assert_eq!(take_rules(), [Rule::CallbackDataLeak]);
     }
 }
 
@@ -227,6 +225,6 @@ scenario! {
         // SAFETY: the model checks the type first and reports it.
         let status = unsafe { FltFlushBuffers2(0, std::ptr::null(), 0x10, std::ptr::null()) };
         assert_eq!(status, STATUS_INVALID_PARAMETER);
-        assert_eq!(take_reports().into_iter().map(|r| r.rule).collect::<Vec<_>>(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }

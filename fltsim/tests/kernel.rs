@@ -17,7 +17,7 @@ use fltsim::{
         thread, work,
     },
     scenario,
-    verifier::take_reports,
+    verifier::{take_reports, take_rules},
 };
 use windows_sys::{
     Wdk::{
@@ -40,10 +40,6 @@ use windows_sys::{
 
 /// `FSRTL_CACHE_TOP_LEVEL_IRP` (ntifs.h).
 const FSRTL_CACHE_TOP_LEVEL_IRP: usize = 2;
-
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
-}
 
 /// `(KeAreApcsDisabled, KeAreAllApcsDisabled)` as the driver sees them.
 fn apc_queries() -> (bool, bool) {
@@ -87,7 +83,7 @@ scenario! {
         assert_eq!(thread::in_guarded_region(apc_queries), (true, true));
         let state = thread::snapshot();
         assert_eq!((state.critical_regions, state.guarded_regions), (0, 0), "the helpers restore the state");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -127,7 +123,7 @@ scenario! {
             // SAFETY: as above.
             unsafe { KeLeaveGuardedRegion() };
         });
-        assert_eq!(rules(), [], "APC_LEVEL is allowed");
+        assert_eq!(take_rules(), [], "APC_LEVEL is allowed");
     }
 }
 
@@ -198,7 +194,7 @@ scenario! {
         assert_eq!(seen, FSRTL_CACHE_TOP_LEVEL_IRP);
         // SAFETY: no arguments.
         assert!(unsafe { IoGetTopLevelIrp() }.is_null(), "restored");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -234,7 +230,7 @@ scenario! {
         let items: Vec<_> = (0..16).map(|_| work::queue(|| {})).collect();
         work::drain();
         assert!(items.iter().all(work::WorkItem::is_done));
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -257,7 +253,7 @@ scenario! {
         // A critical region alone is not the hazard: normal kernel APCs off, special ones and the worker unaffected.
         release.send(()).unwrap();
         assert_eq!(thread::in_critical_region(|| work::wait_for(&item)), Ok(()));
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -276,7 +272,7 @@ scenario! {
         let clean = work::queue(|| assert_eq!(apc_queries(), (false, false)));
         work::drain();
         assert!(clean.is_done());
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -312,7 +308,7 @@ scenario! {
             assert_eq!(process::effective_token(), user_token, "reverted");
         });
         assert_eq!(process::effective_token(), Token::system());
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -321,7 +317,7 @@ scenario! {
         // SAFETY: a bogus value; the model checks it.
         let id = unsafe { PsGetProcessId(0x1234) };
         assert!(id.is_null());
-        assert_eq!(rules(), [Rule::InvalidKernelObject]);
+        assert_eq!(take_rules(), [Rule::InvalidKernelObject]);
     }
 }
 
@@ -351,7 +347,7 @@ scenario! {
         unsafe { KeInitializeEvent(std::ptr::from_ref(&sync).cast_mut(), SynchronizationEvent, true) };
         assert_eq!(thread::at_irql(irql::DISPATCH, || wait(&sync, Some(0))), STATUS_SUCCESS, "a zero wait at DISPATCH_LEVEL");
         assert_eq!(wait(&sync, Some(0)), STATUS_TIMEOUT, "a synchronization event resets when a wait is satisfied");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -383,7 +379,7 @@ scenario! {
         assert!(reports.iter().all(|r| r.rule == Rule::WaitNeedsDisabledApc));
         // In a critical region special kernel APCs still run: the APC sets the event and the wait ends.
         assert_eq!(thread::in_critical_region(|| wait(&event, None)), STATUS_SUCCESS);
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -391,7 +387,7 @@ scenario! {
     fn waiting_on_an_event_never_initialized_is_reported() {
         let event = KEVENT::default();
         assert_eq!(wait(&event, Some(0)), STATUS_INVALID_PARAMETER);
-        assert_eq!(rules(), [Rule::InvalidKernelObject]);
+        assert_eq!(take_rules(), [Rule::InvalidKernelObject]);
     }
 }
 
@@ -426,7 +422,7 @@ scenario! {
         unsafe { FltReleasePushLock(lock) };
         // SAFETY: not held.
         unsafe { FltDeletePushLock(lock) };
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -436,25 +432,25 @@ scenario! {
         let lock = LOCK.as_ptr();
         // SAFETY: static storage; the misuse below is what the model checks.
         unsafe { FltAcquirePushLockExclusive(lock) };
-        assert_eq!(rules(), [Rule::InvalidKernelObject], "not initialized");
+        assert_eq!(take_rules(), [Rule::InvalidKernelObject], "not initialized");
         // SAFETY: as above.
         unsafe { FltInitializePushLock(lock) };
         // SAFETY: as above.
         unsafe { FltReleasePushLock(lock) };
-        assert_eq!(rules(), [Rule::PushLockMisuse], "released without being held");
+        assert_eq!(take_rules(), [Rule::PushLockMisuse], "released without being held");
         // SAFETY: as above.
         unsafe { FltAcquirePushLockExclusive(lock) };
         // SAFETY: as above.
         unsafe { FltAcquirePushLockShared(lock) };
-        assert_eq!(rules(), [Rule::PushLockMisuse], "acquired recursively (the thread would hang)");
+        assert_eq!(take_rules(), [Rule::PushLockMisuse], "acquired recursively (the thread would hang)");
         assert_eq!(thread::snapshot().critical_regions, 1, "the recursive attempt entered no region");
         // SAFETY: as above.
         unsafe { FltDeletePushLock(lock) };
-        assert_eq!(rules(), [Rule::PushLockMisuse], "deleted while held");
+        assert_eq!(take_rules(), [Rule::PushLockMisuse], "deleted while held");
         thread::at_irql(irql::DISPATCH, || {
             // SAFETY: as above.
             unsafe { FltInitializePushLock(lock) };
         });
-        assert_eq!(rules(), [Rule::IrqlTooHigh]);
+        assert_eq!(take_rules(), [Rule::IrqlTooHigh]);
     }
 }

@@ -12,7 +12,7 @@ use fltsim::{
     kernel::process,
     scenario,
     testfilters::build::{END, Table, operation, register, registration, unregister},
-    verifier::take_reports,
+    verifier::{take_reports, take_rules},
 };
 use windows_sys::{
     Wdk::{
@@ -34,9 +34,7 @@ use windows_sys::{
 };
 
 fn setup() {
-    let root = std::env::temp_dir().join(format!("fltsim-locks-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("locks");
     std::fs::write(root.join("data.bin"), b"0123456789").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
 }
@@ -178,6 +176,6 @@ scenario! {
         fltsim::registry::install_minifilter_service("locktest", "Lock Instance", "134000");
         let mut driver = fltsim::load("locktest", driver_entry).expect("load");
         driver.unload(false).expect("unload");
-        assert_eq!(take_reports().into_iter().map(|r| r.rule).collect::<Vec<_>>(), [Rule::FileLockLeak]);
+        assert_eq!(take_rules(), [Rule::FileLockLeak]);
     }
 }

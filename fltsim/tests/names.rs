@@ -17,7 +17,7 @@ use fltsim::{
     kernel::thread,
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::Storage::FileSystem::Minifilters::{
@@ -117,17 +117,12 @@ fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(mode: Mode) -> fltsim::LoadedDriver {
     MODE.store(mode as u8, Ordering::SeqCst);
-    let root = std::env::temp_dir().join(format!("fltsim-names-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let root = io::fresh_root("names");
     std::fs::create_dir_all(root.join("Dir")).expect("volume root");
     std::fs::write(root.join("Dir").join("LongFileName.txt"), b"data").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
     fltsim::registry::install_minifilter_service("namestest", "Names Instance", "137000");
     fltsim::load("namestest", driver_entry).expect("load")
-}
-
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
 }
 
 scenario! {
@@ -160,7 +155,7 @@ scenario! {
         let _ = iomgr::create(r"C:\DIR\Missing.Log", &iomgr::OpenParams::default());
         assert_eq!(SEEN.lock().expect("lock")[0].1, r"\Device\HarddiskVolume1\Dir\Missing.Log");
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -169,7 +164,7 @@ scenario! {
         let mut driver = setup(Mode::Leak);
         let _ = iomgr::create(r"C:\Dir\LongFileName.txt", &iomgr::OpenParams::default());
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), [Rule::NameInfoLeak]);
+        assert_eq!(take_rules(), [Rule::NameInfoLeak]);
     }
 }
 
@@ -177,7 +172,7 @@ scenario! {
     fn name_information_released_twice_is_reported() {
         let _driver = setup(Mode::ReleaseTwice);
         let _ = iomgr::create(r"C:\Dir\LongFileName.txt", &iomgr::OpenParams::default());
-        assert_eq!(rules(), [Rule::NameInfoMisuse]);
+        assert_eq!(take_rules(), [Rule::NameInfoMisuse]);
     }
 }
 
@@ -185,7 +180,7 @@ scenario! {
     fn a_short_name_query_in_pre_create_is_reported() {
         let _driver = setup(Mode::ShortInPreCreate);
         let _ = iomgr::create(r"C:\Dir\LongFileName.txt", &iomgr::OpenParams::default());
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }
 
@@ -196,6 +191,6 @@ scenario! {
             let _ = iomgr::create(r"C:\Dir\LongFileName.txt", &iomgr::OpenParams::default());
         });
         assert_eq!(STATUS.load(Ordering::SeqCst), STATUS_FLT_INVALID_NAME_REQUEST);
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }

@@ -15,7 +15,7 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::Storage::FileSystem::{
@@ -110,8 +110,7 @@ fltsim::minifilter_entry_points!(REGISTRATION);
 /// Queries the full attributes of `C:\dir\file.txt` with the filter in `mode`; returns whether the fast path
 /// answered, the file's size as answered, what the filter saw, and the rules broken.
 fn query(mode: u8) -> (bool, i64, Vec<&'static str>, Vec<Rule>) {
-    let root = std::env::temp_dir().join(format!("fltsim-network-query-open-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let root = io::fresh_root("network-query-open");
     std::fs::create_dir_all(root.join("dir")).expect("volume root");
     std::fs::write(root.join("dir").join("file.txt"), b"seven!!").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
@@ -124,7 +123,7 @@ fn query(mode: u8) -> (bool, i64, Vec<&'static str>, Vec<Rule>) {
     assert_eq!(answer.data.len(), size_of::<FILE_NETWORK_OPEN_INFORMATION>());
     // SAFETY: the buffer holds a FILE_NETWORK_OPEN_INFORMATION; read unaligned from bytes.
     let info = unsafe { answer.data.as_ptr().cast::<FILE_NETWORK_OPEN_INFORMATION>().read_unaligned() };
-    let rules = take_reports().into_iter().map(|r| r.rule).collect();
+    let rules = take_rules();
     (answer.fast, info.EndOfFile, SEEN.lock().expect("seen").clone(), rules)
 }
 

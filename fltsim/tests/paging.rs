@@ -17,7 +17,7 @@ use fltsim::{
     kernel::thread,
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::{take_reports, take_rules},
 };
 use windows_sys::{
     Wdk::{
@@ -122,9 +122,7 @@ fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(mode: Mode) -> (fltsim::LoadedDriver, std::path::PathBuf) {
     MODE.store(mode as u8, Ordering::SeqCst);
-    let root = std::env::temp_dir().join(format!("fltsim-paging-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("paging");
     let contents: Vec<u8> = (0..5000u32).map(|i| u8::try_from(i % 251).expect("small")).collect();
     std::fs::write(root.join("mapped.bin"), &contents).expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
@@ -210,7 +208,7 @@ scenario! {
         let handle = open();
         let section = mm::create_section(&handle).expect("section");
         let _ = mm::map_view(&section).read(0, 1);
-        let rules: Vec<Rule> = take_reports().into_iter().map(|r| r.rule).collect();
+        let rules: Vec<Rule> = take_rules();
         assert!(rules.contains(&Rule::CachedIoFromPagingPath), "{rules:?}");
     }
 }
@@ -221,7 +219,7 @@ scenario! {
         let handle = open();
         let section = mm::create_section(&handle).expect("section");
         let _ = mm::map_view(&section).read(0, 1);
-        let rules: Vec<Rule> = take_reports().into_iter().map(|r| r.rule).collect();
+        let rules: Vec<Rule> = take_rules();
         // FltReadFileEx is PASSIVE-only and a fault runs at APC_LEVEL, so the IRQL rule fires; the cache rule does not.
         assert!(!rules.contains(&Rule::CachedIoFromPagingPath), "{rules:?}");
         assert!(rules.contains(&Rule::IrqlTooHigh), "{rules:?}");

@@ -16,7 +16,7 @@ use fltsim::{
     kernel::{process, thread},
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::{
@@ -118,17 +118,14 @@ static UPPER_OPS: Table<[FLT_OPERATION_REGISTRATION; 2]> = Table(operations(uppe
 static LOWER_OPS: Table<[FLT_OPERATION_REGISTRATION; 2]> = Table(operations(lower_pre_create));
 
 static UPPER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const UPPER_OPS.0).cast(), Some(upper_unload)));
-
-fltsim::minifilter_entry_points!(UPPER_REG, UPPER, upper_entry, upper_unload);
 static LOWER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const LOWER_OPS.0).cast(), Some(lower_unload)));
 
+fltsim::minifilter_entry_points!(UPPER_REG, UPPER, upper_entry, upper_unload);
 fltsim::minifilter_entry_points!(LOWER_REG, LOWER, lower_entry, lower_unload);
 
 fn setup(mode: Mode) -> (fltsim::LoadedDriver, fltsim::LoadedDriver) {
     MODE.store(mode as u8, Ordering::SeqCst);
-    let root = std::env::temp_dir().join(format!("fltsim-pending-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("pending");
     std::fs::write(root.join("file.txt"), b"data").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
     fltsim::registry::install_minifilter_service("pendupper", "Upper", "320000");
@@ -136,10 +133,6 @@ fn setup(mode: Mode) -> (fltsim::LoadedDriver, fltsim::LoadedDriver) {
     let lower = fltsim::load("pendlower", lower_entry).expect("lower loads");
     let upper = fltsim::load("pendupper", upper_entry).expect("upper loads");
     (upper, lower)
-}
-
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
 }
 
 fn open_as_user() -> Result<iomgr::Handle, NTSTATUS> {
@@ -166,7 +159,7 @@ scenario! {
         iomgr::close(handle);
         upper.unload(false).expect("unload");
         lower.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -174,7 +167,7 @@ scenario! {
     fn a_pended_create_never_completed_is_reported_and_fails() {
         let (_upper, _lower) = setup(Mode::Forget);
         assert_eq!(open_as_user(), Err(STATUS_CANCELLED));
-        assert_eq!(rules(), [Rule::PendedNeverCompleted]);
+        assert_eq!(take_rules(), [Rule::PendedNeverCompleted]);
     }
 }
 
@@ -184,7 +177,7 @@ scenario! {
         assert!(open_as_user().is_ok());
         // The worker's second completion comes after the first has let the create finish.
         fltsim::kernel::work::drain();
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }
 
@@ -192,7 +185,7 @@ scenario! {
     fn completing_with_a_status_that_cannot_complete_is_reported() {
         let (_upper, _lower) = setup(Mode::BadStatus);
         let _ = open_as_user();
-        let rules = rules();
+        let rules = take_rules();
         assert_eq!(rules[0], Rule::InvalidArgument, "{rules:?}");
         assert!(rules.contains(&Rule::PendedNeverCompleted), "the bad completion does not complete it: {rules:?}");
     }
@@ -203,7 +196,7 @@ scenario! {
         let (mut upper, _lower) = setup(Mode::LeakItem);
         assert!(open_as_user().is_ok());
         upper.unload(false).expect("unload");
-        assert_eq!(rules(), [Rule::WorkItemLeak]);
+        assert_eq!(take_rules(), [Rule::WorkItemLeak]);
     }
 }
 
@@ -213,7 +206,7 @@ scenario! {
         let (_upper, _lower) = setup(Mode::Replay);
         let _ = thread::with_top_level_irp(0x2000, open_as_user);
         assert_eq!(QUEUE_STATUS.load(Ordering::SeqCst), STATUS_FLT_NOT_SAFE_TO_POST_OPERATION);
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -239,6 +232,6 @@ scenario! {
         assert_eq!(status, STATUS_SUCCESS);
         fltsim::kernel::work::drain();
         assert_eq!(*GENERIC_RAN.lock().expect("lock"), Some((4, 0)));
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }

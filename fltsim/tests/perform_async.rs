@@ -22,7 +22,7 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr},
     scenario,
     testfilters::build::{END, Table, open_file, operation, registration},
-    verifier::take_reports,
+    verifier::{take_reports, take_rules},
 };
 use windows_sys::{
     Wdk::{
@@ -221,9 +221,7 @@ fn setup(mode: Mode) -> (fltsim::LoadedDriver, std::path::PathBuf, Receiver<Comp
     MODE.store(mode as u8, Ordering::SeqCst);
     let (sender, receiver) = mpsc::channel();
     *COMPLETED.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
-    let root = std::env::temp_dir().join(format!("fltsim-perform-async-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("perform-async");
     std::fs::write(root.join("source.txt"), b"source data").expect("seed");
     std::fs::write(root.join("backing.txt"), b"backing data").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
@@ -246,10 +244,6 @@ fn wait_for_callback(receiver: &Receiver<Completed>) -> Completed {
     done
 }
 
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
-}
-
 scenario! {
     fn an_asynchronous_built_read_pends_and_its_callback_gets_the_data_on_a_worker() {
         let (mut driver, _root, receiver) = setup(Mode::Read);
@@ -266,7 +260,7 @@ scenario! {
         assert!(done.thread_name.starts_with("System: worker"), "on a system worker, not {}", done.thread_name);
         assert_eq!(outstanding_async_io(), 0);
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), [], "freeing the data in the callback is allowed; nothing leaks");
+        assert_eq!(take_rules(), [], "freeing the data in the callback is allowed; nothing leaks");
     }
 }
 
@@ -281,7 +275,7 @@ scenario! {
         assert_eq!(done.major, IRP_MJ_WRITE);
         driver.unload(false).expect("unload");
         assert_eq!(std::fs::read(root.join("backing.txt")).expect("host"), b"async!g data");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -301,7 +295,7 @@ scenario! {
         assert_eq!(done.status, STATUS_SUCCESS, "the early free did not free data in flight");
         assert_eq!(done.bytes, b"backing data");
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), [], "the callback's own free is the one that counts");
+        assert_eq!(take_rules(), [], "the callback's own free is the one that counts");
     }
 }
 
@@ -314,7 +308,7 @@ scenario! {
         assert_eq!(done.status, STATUS_FLT_INVALID_ASYNCHRONOUS_REQUEST);
         assert_eq!(done.thread, issued.thread, "in the caller's context");
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }
 
@@ -325,13 +319,13 @@ scenario! {
         assert_eq!(open_source().status, STATUS_PENDING);
         driver.unload(false).expect("unload");
         // The data and the buffer the callback would free are still allocated too.
-        let mut reported = rules();
+        let mut reported = take_rules();
         reported.sort_by_key(|r| format!("{r:?}"));
         assert_eq!(reported, [Rule::AsyncIoOutstandingAtUnload, Rule::CallbackDataLeak, Rule::PoolLeak]);
         drop(hold);
         let done = wait_for_callback(&receiver);
         assert_eq!(done.bytes, b"backing data");
         assert_eq!(outstanding_async_io(), 0);
-        assert_eq!(rules(), [], "reported once, not again when it completes");
+        assert_eq!(take_rules(), [], "reported once, not again when it completes");
     }
 }

@@ -19,7 +19,7 @@ use fltsim::{
     },
     scenario,
     testfilters::build::{END, Table, operation, register, registration, unregister},
-    verifier::take_reports,
+    verifier::{take_reports, take_rules},
 };
 use windows_sys::{
     Wdk::{
@@ -267,10 +267,6 @@ fn admin() -> std::sync::Arc<process::Process> {
     process::create(r"\Device\HarddiskVolume1\shuntctl.exe", Token { user: "S-1-5-21-1-1-1-500".into(), admin: true })
 }
 
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
-}
-
 scenario! {
     fn a_port_served_correctly_breaks_no_rule_and_admits_only_administrators_and_system() {
         let mut driver = setup(Mode::Correct);
@@ -313,7 +309,7 @@ scenario! {
         let _driver = setup(Mode::WithoutKernelHandle);
         assert_eq!(CREATE_STATUS.load(Ordering::SeqCst), STATUS_INVALID_PARAMETER as isize);
         assert_eq!(port::grants(PORT_NAME), None);
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }
 
@@ -321,7 +317,7 @@ scenario! {
     fn a_server_port_left_open_at_unload_is_reported() {
         let mut driver = setup(Mode::PortLeftOpen);
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), [Rule::PortLeak]);
+        assert_eq!(take_rules(), [Rule::PortLeak]);
     }
 }
 
@@ -330,9 +326,9 @@ scenario! {
         let mut driver = setup(Mode::ClientPortNotClosed);
         let connection = port::connect(PORT_NAME, &admin(), b"hello").expect("connect");
         connection.disconnect();
-        assert_eq!(rules(), [], "reported at unload, not before");
+        assert_eq!(take_rules(), [], "reported at unload, not before");
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), [Rule::ClientPortLeak]);
+        assert_eq!(take_rules(), [Rule::ClientPortLeak]);
     }
 }
 
@@ -344,7 +340,7 @@ scenario! {
         assert_eq!(CLIENTS.lock().expect("lock")[0], 0, "the disconnect callback ran and closed the client port");
         assert_eq!(connection.send_bytes(b"a", 1), Err(STATUS_PORT_DISCONNECTED));
         drop(connection);
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -353,7 +349,7 @@ scenario! {
         let _driver = setup(Mode::DirectWrite);
         let connection = port::connect(PORT_NAME, &admin(), b"hello").expect("connect");
         assert_eq!(connection.send_bytes(b"abc", 3), Ok(b"cba".to_vec()));
-        assert_eq!(rules(), [Rule::UserBufferUnsafeAccess]);
+        assert_eq!(take_rules(), [Rule::UserBufferUnsafeAccess]);
     }
 }
 
@@ -362,10 +358,10 @@ scenario! {
         let _driver = setup(Mode::DirectRead);
         let connection = port::connect(PORT_NAME, &admin(), b"hello").expect("connect");
         assert_eq!(connection.send_bytes(b"abc", 3), Ok(b"cba".to_vec()), "a direct read of ordinary memory works");
-        assert_eq!(rules(), [], "and cannot be seen on the host");
+        assert_eq!(take_rules(), [], "and cannot be seen on the host");
         let reply = connection.send(&UserBuffer::Faulting(2), &UserBuffer::Memory(vec![0; 2]));
         assert_eq!(reply, Ok(vec![FAULT_FILL; 2]));
-        assert_eq!(rules(), [Rule::UserBufferUnsafeAccess]);
+        assert_eq!(take_rules(), [Rule::UserBufferUnsafeAccess]);
     }
 }
 
@@ -376,7 +372,7 @@ scenario! {
         let changing = UserBuffer::Changing { first: b"AB".to_vec(), then: b"ZB".to_vec() };
         assert_eq!(connection.send(&changing, &UserBuffer::Memory(vec![0; 2])), Ok(b"BZ".to_vec()));
         assert_eq!(SEEN.lock().expect("lock")[0], b"AZ", "the validated byte and the used byte differ");
-        assert_eq!(rules(), [Rule::UserBufferDoubleFetch]);
+        assert_eq!(take_rules(), [Rule::UserBufferDoubleFetch]);
     }
 }
 
@@ -388,7 +384,7 @@ scenario! {
         let changing = UserBuffer::Changing { first: b"AB".to_vec(), then: b"ZZ".to_vec() };
         assert_eq!(connection.send(&changing, &UserBuffer::Memory(vec![0; 2])), Ok(b"BA".to_vec()), "captured once");
         assert_eq!(connection.send(&UserBuffer::Faulting(3), &UserBuffer::Memory(vec![0; 3])), Err(STATUS_ACCESS_VIOLATION));
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -397,6 +393,6 @@ scenario! {
         let _driver = setup(Mode::CopyOnWorker);
         let connection = port::connect(PORT_NAME, &admin(), b"hello").expect("connect");
         assert_eq!(connection.send_bytes(b"abc", 3), Err(STATUS_ACCESS_VIOLATION), "the address is not the worker's");
-        assert_eq!(rules(), [Rule::UserBufferUnsafeAccess]);
+        assert_eq!(take_rules(), [Rule::UserBufferUnsafeAccess]);
     }
 }

@@ -17,7 +17,7 @@ use fltsim::{
     kernel::{irql, thread},
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::Wdk::{
     Storage::FileSystem::{
@@ -245,17 +245,14 @@ static LOWER_OPS: Table<[FLT_OPERATION_REGISTRATION; 4]> = Table([
 ]);
 
 static UPPER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const UPPER_OPS.0).cast(), Some(upper_unload)));
-
-fltsim::minifilter_entry_points!(UPPER_REG, UPPER, upper_entry, upper_unload);
 static LOWER_REG: Table<FLT_REGISTRATION> = Table(registration((&raw const LOWER_OPS.0).cast(), Some(lower_unload)));
 
+fltsim::minifilter_entry_points!(UPPER_REG, UPPER, upper_entry, upper_unload);
 fltsim::minifilter_entry_points!(LOWER_REG, LOWER, lower_entry, lower_unload);
 
 fn setup(mode: Mode) -> (fltsim::LoadedDriver, fltsim::LoadedDriver) {
     MODE.store(mode as u8, Ordering::SeqCst);
-    let root = std::env::temp_dir().join(format!("fltsim-postpend-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("postpend");
     std::fs::write(root.join("file.txt"), b"data").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
     fltsim::registry::install_minifilter_service("postupper", "Upper", "320000");
@@ -263,10 +260,6 @@ fn setup(mode: Mode) -> (fltsim::LoadedDriver, fltsim::LoadedDriver) {
     let lower = fltsim::load("postlower", lower_entry).expect("lower loads");
     let upper = fltsim::load("postupper", upper_entry).expect("upper loads");
     (upper, lower)
-}
-
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
 }
 
 fn read_file() -> Vec<u8> {
@@ -299,7 +292,7 @@ scenario! {
         assert!(above < returned, "FltCompletePendedPostOperation returns after the filter above: {events:?}");
         upper.unload(false).expect("unload");
         lower.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -309,7 +302,7 @@ scenario! {
     fn a_pended_post_operation_never_completed_is_reported() {
         let (_upper, _lower) = setup(Mode::Forget);
         assert_eq!(read_file(), b"data");
-        assert_eq!(rules(), [Rule::PendedNeverCompleted]);
+        assert_eq!(take_rules(), [Rule::PendedNeverCompleted]);
         let events = events();
         assert!(position(&events, "lower post-read") < position(&events, "upper post-read sees data"), "{events:?}");
     }
@@ -320,7 +313,7 @@ scenario! {
         let (_upper, _lower) = setup(Mode::Twice);
         assert_eq!(read_file(), b"DATA");
         fltsim::kernel::work::drain();
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }
 
@@ -329,7 +322,7 @@ scenario! {
         let (_upper, _lower) = setup(Mode::NotPended);
         let _ = read_file();
         fltsim::kernel::work::drain();
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
     }
 }
 
@@ -339,7 +332,7 @@ scenario! {
         let (_upper, _lower) = setup(Mode::Section);
         let handle = iomgr::create(r"C:\file.txt", &iomgr::OpenParams::default()).expect("open");
         assert!(mm::create_section(&handle).is_ok(), "completion processing goes on");
-        assert_eq!(rules(), [Rule::StatusNotAllowedForOperation]);
+        assert_eq!(take_rules(), [Rule::StatusNotAllowedForOperation]);
         iomgr::close(handle);
     }
 }
@@ -359,7 +352,7 @@ scenario! {
         assert!(posted < safe && safe < above, "{events:?}");
         upper.unload(false).expect("unload");
         lower.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -367,7 +360,7 @@ scenario! {
     fn completion_processing_when_safe_for_a_read_is_reported() {
         let (_upper, _lower) = setup(Mode::WhenSafeRead);
         assert_eq!(read_file(), b"data");
-        assert_eq!(rules(), [Rule::InvalidArgument]);
+        assert_eq!(take_rules(), [Rule::InvalidArgument]);
         assert!(!events().iter().any(|e| e.starts_with("safe post")), "the safe callback is not called");
     }
 }

@@ -102,9 +102,7 @@ fltsim::minifilter_entry_points!(REGISTRATION);
 
 scenario! {
     fn a_create_replaced_and_reparsed_opens_the_new_name() {
-        let root = std::env::temp_dir().join(format!("fltsim-query-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).expect("volume root");
+        let root = io::fresh_root("query");
         std::fs::write(root.join("target.txt"), b"the target").expect("seed");
         let volume = io::mount(VolumeSpec::ntfs('C', &root));
         fltsim::registry::install_minifilter_service("querytest", "Query Instance", "136000");

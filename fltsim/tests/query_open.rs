@@ -83,8 +83,7 @@ fltsim::minifilter_entry_points!(REGISTRATION);
 /// Queries `C:\dir\file.txt` by name with the filter in `mode`; returns whether the fast path answered, the file's
 /// size as answered, and what the filter saw.
 fn query(mode: u8) -> (bool, i64, Vec<&'static str>) {
-    let root = std::env::temp_dir().join(format!("fltsim-query-open-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let root = io::fresh_root("query-open");
     std::fs::create_dir_all(root.join("dir")).expect("volume root");
     std::fs::write(root.join("dir").join("file.txt"), b"four").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));

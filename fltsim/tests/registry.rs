@@ -3,7 +3,13 @@
 
 use std::ptr::null_mut;
 
-use fltsim::{Rule, inf::RegValue, kernel::thread, registry, scenario, verifier::take_reports};
+use fltsim::{
+    Rule,
+    inf::RegValue,
+    kernel::thread,
+    registry, scenario,
+    verifier::{take_reports, take_rules},
+};
 use windows_sys::{
     Wdk::{
         Foundation::OBJECT_ATTRIBUTES,
@@ -111,6 +117,6 @@ scenario! {
         registry::set_value(SERVICE, "Start", RegValue::Dword(3));
         let (status, _) = thread::at_irql(fltsim::kernel::irql::APC, || open(SERVICE, null_mut()));
         assert_ne!(status, STATUS_SUCCESS);
-        assert_eq!(take_reports().into_iter().map(|r| r.rule).collect::<Vec<_>>(), [Rule::IrqlTooHigh]);
+        assert_eq!(take_rules(), [Rule::IrqlTooHigh]);
     }
 }

@@ -21,7 +21,7 @@ use fltsim::{
     kernel::work,
     scenario,
     testfilters::build::{END, Table, operation, register_and_start, registration, unregister},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::{
@@ -185,9 +185,7 @@ unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *con
 }
 
 fn setup() -> fltsim::LoadedDriver {
-    let root = std::env::temp_dir().join(format!("fltsim-rundown-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("rundown");
     std::fs::write(root.join("file.txt"), b"data").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
     fltsim::registry::install_minifilter_service("rundown", "Rundown", "320000");
@@ -203,10 +201,6 @@ fn queue_generic(routine: unsafe extern "system" fn(PFLT_GENERIC_WORKITEM, *cons
         FltQueueGenericWorkItem(item, filter as *const c_void, Some(routine), DelayedWorkQueue, std::ptr::null())
     };
     assert_eq!(status, STATUS_SUCCESS);
-}
-
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
 }
 
 scenario! {
@@ -228,7 +222,7 @@ scenario! {
         assert!(driver.filters()[0].unregistered);
         work::drain();
         assert!(!REFUSED_ITEM_RAN.load(Ordering::SeqCst));
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -252,7 +246,7 @@ scenario! {
         );
         assert!(opener.join().expect("the opener"), "the pended create completes and succeeds");
         assert_eq!(*REQUEUE_STATUS.lock().expect("lock"), [STATUS_FLT_DELETING_OBJECT]);
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -266,10 +260,10 @@ scenario! {
         assert_eq!(RAN.load(Ordering::SeqCst), 1, "the item went on after FltUnregisterFilter");
         assert!(TEARDOWN_STARTED.is_set(), "the instances were torn down");
         assert!(driver.filters()[0].unregistered);
-        assert_eq!(rules(), [Rule::UnregisterWaitsForItself]);
+        assert_eq!(take_rules(), [Rule::UnregisterWaitsForItself]);
         // Nothing is left to unload, and nothing leaked.
         driver.unload(false).expect("unload");
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }
 
@@ -281,6 +275,6 @@ scenario! {
         assert_eq!(RAN_WHEN_UNREGISTERED.load(Ordering::SeqCst), 0);
         assert!(TEARDOWN_STARTED.is_set());
         assert!(driver.filters()[0].unregistered);
-        assert_eq!(rules(), []);
+        assert_eq!(take_rules(), []);
     }
 }

@@ -110,8 +110,7 @@ fn units(text: &str) -> Vec<u16> {
 }
 
 fn setup() -> fltsim::LoadedDriver {
-    let root = std::env::temp_dir().join(format!("fltsim-targets-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let root = io::fresh_root("targets");
     std::fs::create_dir_all(root.join("a")).expect("volume root");
     std::fs::create_dir_all(root.join("b")).expect("directory");
     std::fs::write(root.join("a").join("file.txt"), b"data").expect("seed");

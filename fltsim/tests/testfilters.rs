@@ -53,9 +53,7 @@ static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OP
 fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup() {
-    let root = std::env::temp_dir().join(format!("fltsim-testfilters-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("testfilters");
     std::fs::write(root.join("file.txt"), b"0123456789").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
     fltsim::registry::install_minifilter_service("observer", "Observer", "135100");

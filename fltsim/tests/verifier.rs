@@ -9,7 +9,7 @@ use fltsim::{
     kernel::pool,
     kernel::thread,
     scenario,
-    verifier::{self, take_reports},
+    verifier::{self, take_reports, take_rules},
 };
 use windows_sys::{
     Wdk::System::SystemServices::ExAllocatePool2,
@@ -20,7 +20,7 @@ use windows_sys::{
 fn cycle(fault: Fault) -> Vec<Rule> {
     let mut driver = common::load(fault).expect("the test filter loads");
     driver.unload(false).expect("the test filter unloads");
-    take_reports().into_iter().map(|r| r.rule).collect()
+    take_rules()
 }
 
 scenario! {
@@ -75,7 +75,7 @@ scenario! {
     fn a_failed_driver_entry_that_stays_registered_is_reported() {
         let result = common::load(Fault::FailEntryStillRegistered);
         assert!(matches!(result, Err(LoadError::EntryFailed(s)) if s == STATUS_INSUFFICIENT_RESOURCES));
-        let rules: Vec<Rule> = take_reports().into_iter().map(|r| r.rule).collect();
+        let rules: Vec<Rule> = take_rules();
         assert_eq!(rules, [Rule::FilterNotUnregistered, Rule::PoolLeak]);
     }
 }

@@ -14,7 +14,7 @@ use fltsim::{
     kernel::thread,
     scenario,
     testfilters::build::{END, Table, operation, registration},
-    verifier::take_reports,
+    verifier::take_rules,
 };
 use windows_sys::{
     Wdk::{
@@ -120,9 +120,7 @@ fltsim::minifilter_entry_points!(REGISTRATION);
 
 fn setup(attributes: u32) -> fltsim::LoadedDriver {
     ATTRIBUTES.store(attributes, Ordering::SeqCst);
-    let root = std::env::temp_dir().join(format!("fltsim-zw-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).expect("volume root");
+    let root = io::fresh_root("zw");
     std::fs::write(root.join("source.txt"), b"source").expect("seed");
     std::fs::write(root.join("backing.txt"), b"backing").expect("seed");
     io::mount(VolumeSpec::ntfs('C', &root));
@@ -135,16 +133,12 @@ fn open_source() {
     iomgr::close(handle);
 }
 
-fn rules() -> Vec<Rule> {
-    take_reports().into_iter().map(|r| r.rule).collect()
-}
-
 scenario! {
     fn zw_io_from_a_callback_reenters_the_filter_and_skips_the_users_access_check() {
         let _driver = setup(OBJ_KERNEL_HANDLE);
         open_source();
         assert_eq!(CREATE_STATUS.load(Ordering::SeqCst), STATUS_SUCCESS);
-        let rules = rules();
+        let rules = take_rules();
         assert_eq!(rules.first(), Some(&Rule::UncheckedOpenForUser), "{rules:?}");
         assert!(rules.contains(&Rule::ReentrantIo), "{rules:?}");
     }
@@ -154,7 +148,7 @@ scenario! {
     fn forcing_the_access_check_does_not_stop_the_reentry() {
         let _driver = setup(OBJ_KERNEL_HANDLE | OBJ_FORCE_ACCESS_CHECK);
         open_source();
-        let rules = rules();
+        let rules = take_rules();
         assert!(!rules.contains(&Rule::UncheckedOpenForUser), "{rules:?}");
         assert!(rules.contains(&Rule::ReentrantIo), "{rules:?}");
     }
@@ -165,6 +159,6 @@ scenario! {
         let _driver = setup(OBJ_KERNEL_HANDLE | OBJ_FORCE_ACCESS_CHECK);
         thread::in_guarded_region(open_source);
         assert_eq!(CREATE_STATUS.load(Ordering::SeqCst), STATUS_POSSIBLE_DEADLOCK);
-        assert_eq!(rules(), [Rule::WaitNeedsDisabledApc]);
+        assert_eq!(take_rules(), [Rule::WaitNeedsDisabledApc]);
     }
 }

@@ -12,4 +12,4 @@ pub mod mm;
 pub mod volume;
 pub mod zw;
 
-pub use volume::{Volume, VolumeSpec, mount, volumes};
+pub use volume::{Volume, VolumeSpec, fresh_root, mount, volumes};

@@ -85,6 +85,20 @@ pub fn mount(spec: VolumeSpec) -> Volume {
     volume
 }
 
+/// A fresh, empty host directory to root a test volume in: `fltsim-<name>-<pid>` under the temporary directory,
+/// removed first if an earlier run left it behind.
+///
+/// # Panics
+/// When the directory cannot be created: the test cannot run at all.
+#[must_use]
+pub fn fresh_root(name: &str) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("fltsim-{name}-{}", std::process::id()));
+    // Absent is the usual case; anything else shows up when it is created below.
+    drop(std::fs::remove_dir_all(&root));
+    std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("cannot create the volume root {}: {e}", root.display()));
+    root
+}
+
 /// Every mounted volume, in mount order.
 #[must_use]
 pub fn volumes() -> Vec<Volume> {
