@@ -71,10 +71,6 @@ fn string(buffer: &mut [u16], start: usize, length: usize) -> UNICODE_STRING {
     }
 }
 
-fn empty() -> UNICODE_STRING {
-    UNICODE_STRING { Length: 0, MaximumLength: 0, Buffer: std::ptr::null_mut() }
-}
-
 /// A new name information block for `within` on the volume `device_name`, with one reference, tracked for
 /// `filter`'s leak check.
 fn issue(device_name: &str, within: &str, format: u32, filter: PFLT_FILTER) -> *mut FLT_FILE_NAME_INFORMATION {
@@ -267,7 +263,7 @@ pub extern "system" fn FltParseFileNameInformation(info: *mut FLT_FILE_NAME_INFO
         block.info.FinalComponent = string(&mut block.buffer, final_start, final_part.len());
         block.info.Stream = match colon {
             Some(c) => string(&mut block.buffer, final_start.saturating_add(c), final_part.len().saturating_sub(c)),
-            None => empty(),
+            None => UNICODE_STRING::default(),
         };
         block.info.Extension = match dot {
             Some(d) => string(
@@ -275,9 +271,9 @@ pub extern "system" fn FltParseFileNameInformation(info: *mut FLT_FILE_NAME_INFO
                 final_start.saturating_add(d).saturating_add(1),
                 name_part.len().saturating_sub(d).saturating_sub(1),
             ),
-            None => empty(),
+            None => UNICODE_STRING::default(),
         };
-        block.info.Share = empty();
+        block.info.Share = UNICODE_STRING::default();
         let parsed = FLTFL_FILE_NAME_PARSED_FINAL_COMPONENT
             | FLTFL_FILE_NAME_PARSED_EXTENSION
             | FLTFL_FILE_NAME_PARSED_STREAM

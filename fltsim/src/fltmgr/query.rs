@@ -201,9 +201,9 @@ pub unsafe extern "system" fn FltGetVolumeProperties(
             AlignmentRequirement: found.spec.alignment_requirement,
             SectorSize: u16::try_from(found.spec.sector_size).unwrap_or(u16::MAX),
             Flags: 0,
-            FileSystemDriverName: empty_string(),
-            FileSystemDeviceName: empty_string(),
-            RealDeviceName: empty_string(),
+            FileSystemDriverName: UNICODE_STRING::default(),
+            FileSystemDeviceName: UNICODE_STRING::default(),
+            RealDeviceName: UNICODE_STRING::default(),
         };
         let fits = length >= fixed.saturating_add(names_bytes);
         if fits {
@@ -232,8 +232,4 @@ pub unsafe extern "system" fn FltGetVolumeProperties(
         unsafe { length_returned.write(returned) };
         if fits { STATUS_SUCCESS } else { STATUS_BUFFER_OVERFLOW }
     })
-}
-
-fn empty_string() -> UNICODE_STRING {
-    UNICODE_STRING { Length: 0, MaximumLength: 0, Buffer: std::ptr::null_mut() }
 }
