@@ -236,7 +236,7 @@ pub const EXPORTS: &[Export] = &[
         "FltReadFileEx",
         "fltmgr.sys",
         "PASSIVE_LEVEL",
-        "IRQL; an attached initiating instance (the read enters below it); an open file object; Buffer xor Mdl (MDL not modelled); sector-multiple offset and length for non-cached I/O; END_OF_FILE past the end; with a CallbackRoutine returns STATUS_PENDING and completes on a system worker at a seeded IRQL <= DISPATCH_LEVEL (BytesRead ignored); async I/O outstanding at unload is reported",
+        "IRQL; an attached initiating instance (the read enters below it); an open file object; Buffer xor Mdl (an MDL FltLockUserBuffer built, valid in any process; a raw user buffer only in its requestor's process); sector-multiple offset and length for non-cached I/O; END_OF_FILE past the end; with a CallbackRoutine returns STATUS_PENDING and completes on a system worker at a seeded IRQL <= DISPATCH_LEVEL (BytesRead ignored); async I/O outstanding at unload is reported",
         "fltkernel/nf-fltkernel-fltreadfileex"
     ),
     export!(
@@ -637,6 +637,13 @@ pub const EXPORTS: &[Export] = &[
         "APC_LEVEL",
         "IRQL; only a descriptor FltBuildDefaultSecurityDescriptor returned, freed once",
         "fltkernel/nf-fltkernel-fltfreesecuritydescriptor"
+    ),
+    export!(
+        "FltLockUserBuffer",
+        "fltmgr.sys",
+        "APC_LEVEL",
+        "IRQL; live callback data; reads and writes (not IRP_MN_MDL): an MDL from nonpaged pool in MdlAddress, DIRTY when locked in pre-operation, freed with the callback data; an MDL already there is success",
+        "fltkernel/nf-fltkernel-fltlockuserbuffer"
     ),
     export!(
         "MmCopyMemory",

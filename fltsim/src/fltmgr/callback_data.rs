@@ -48,6 +48,7 @@ use super::{
     dispatch::{Origin, Request, dispatch, servicing_paging_io},
     fileio,
     instance::instances,
+    userbuf,
 };
 use crate::{
     guard::guarded,
@@ -192,13 +193,17 @@ fn perform(
             let read = unsafe { request.iopb().Parameters.Read };
             let offset = if read.ByteOffset == USE_FILE_POINTER_POSITION { current } else { read.ByteOffset };
             let Ok(offset) = u64::try_from(offset) else { return request.complete(STATUS_INVALID_PARAMETER, 0) };
-            match fs::read(open, offset, usize::try_from(read.Length).unwrap_or(0)) {
+            let length = usize::try_from(read.Length).unwrap_or(0);
+            let destination = match userbuf::buffer_for(api, read.MdlAddress, read.ReadBuffer, length) {
+                Ok(destination) => destination,
+                Err(status) => return request.complete(status, 0),
+            };
+            match fs::read(open, offset, length) {
                 Ok(data) => {
-                    if !read.ReadBuffer.is_null() {
-                        // SAFETY: the driver's read buffer holds `Length` bytes and `data` is no longer.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(data.as_ptr(), read.ReadBuffer.cast::<u8>(), data.len());
-                        }
+                    if !destination.is_null() {
+                        // SAFETY: the driver's read buffer (or the MDL's pages) holds `Length` bytes and `data` is
+                        // no longer.
+                        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), destination, data.len()) };
                     }
                     request.complete(STATUS_SUCCESS, data.len());
                 }
@@ -208,8 +213,17 @@ fn perform(
         IRP_MJ_WRITE => {
             // SAFETY: the union holds the Write parameters for IRP_MJ_WRITE.
             let write = unsafe { request.iopb().Parameters.Write };
-            // SAFETY: the driver's write buffer holds `Length` bytes.
-            let data = unsafe { driver_bytes(write.WriteBuffer, write.Length) };
+            let source = match userbuf::buffer_for(
+                api,
+                write.MdlAddress,
+                write.WriteBuffer,
+                usize::try_from(write.Length).unwrap_or(0),
+            ) {
+                Ok(source) => source,
+                Err(status) => return request.complete(status, 0),
+            };
+            // SAFETY: the driver's write buffer (or the MDL's pages) holds `Length` bytes.
+            let data = unsafe { driver_bytes(source.cast_const().cast(), write.Length) };
             let offset = match write.ByteOffset {
                 WRITE_TO_END_OF_FILE => None,
                 USE_FILE_POINTER_POSITION => u64::try_from(current).ok(),

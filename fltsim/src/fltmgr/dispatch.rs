@@ -126,9 +126,18 @@ pub fn requestor(data: *const FLT_CALLBACK_DATA) -> Option<std::sync::Arc<proces
     REQUESTORS.lock().unwrap_or_else(PoisonError::into_inner).get(&(data as usize)).cloned()
 }
 
+/// Whether `data` is callback data the model handed out that is still alive: an operation in flight, or data
+/// `FltAllocateCallbackData` allocated and not yet freed.
+#[must_use]
+pub fn is_live_callback_data(data: *const FLT_CALLBACK_DATA) -> bool {
+    !data.is_null() && REQUESTORS.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&(data as usize))
+}
+
 impl Drop for Request {
     fn drop(&mut self) {
         REQUESTORS.lock().unwrap_or_else(PoisonError::into_inner).remove(&(self.data() as usize));
+        // Freeing callback data unlocks its buffer and frees the MDL FltLockUserBuffer built.
+        super::userbuf::release(self.data());
     }
 }
 

@@ -34,7 +34,7 @@ use windows_sys::{
     Win32::{
         Foundation::{
             HANDLE, NTSTATUS, OBJ_KERNEL_HANDLE, STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER,
-            STATUS_NOT_IMPLEMENTED, STATUS_OBJECT_PATH_NOT_FOUND, STATUS_PENDING, STATUS_SUCCESS, UNICODE_STRING,
+            STATUS_OBJECT_PATH_NOT_FOUND, STATUS_PENDING, STATUS_SUCCESS, UNICODE_STRING,
         },
         System::IO::IO_STATUS_BLOCK,
     },
@@ -364,7 +364,7 @@ fn check_io(
     buffer: *const c_void,
     flags: u32,
     mdl: *const MDL,
-) -> Result<(iomgr::Handle, PFLT_FILTER, Option<u64>), NTSTATUS> {
+) -> Result<(iomgr::Handle, PFLT_FILTER, Option<u64>, *mut u8), NTSTATUS> {
     if super::dispatch::servicing_paging_io()
         && flags
             & (FLTFL_IO_OPERATION_NON_CACHED
@@ -390,10 +390,6 @@ fn check_io(
     if buffer.is_null() == mdl.is_null() {
         return Err(invalid(api, "exactly one of Buffer and Mdl must be given".to_owned()));
     }
-    if !mdl.is_null() {
-        verifier::report(Rule::UnsupportedByModel, api, "MDL-based I/O is not modelled yet");
-        return Err(STATUS_NOT_IMPLEMENTED);
-    }
     // SAFETY: a non-NULL ByteOffset points to the caller's LARGE_INTEGER.
     let offset = unsafe { byte_offset.as_ref() }.copied();
     if flags & FLTFL_IO_OPERATION_NON_CACHED != 0 {
@@ -417,7 +413,10 @@ fn check_io(
         }
         Some(o) => Some(u64::try_from(o).map_err(|_| invalid(api, format!("ByteOffset {o} is negative")))?),
     };
-    Ok((handle, filter, offset))
+    // The memory the file system reads into or writes from: the MDL's locked pages in any process, a raw user
+    // buffer only in the process that owns it.
+    let memory = super::userbuf::buffer_for(api, mdl, buffer.cast_mut(), usize::try_from(length).unwrap_or(0))?;
+    Ok((handle, filter, offset, memory))
 }
 
 /// `FltReadFileEx` (buffered; synchronous, or asynchronous with a `CallbackRoutine`).
@@ -453,7 +452,7 @@ pub unsafe extern "system" fn FltReadFileEx(
 ) -> NTSTATUS {
     const API: &str = "FltReadFileEx";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        let (handle, filter, offset) =
+        let (handle, filter, offset, memory) =
             match check_io(API, FLTREADFILEEX, instance, file_object, byte_offset, length, buffer, flags, mdl) {
                 Ok(checked) => checked,
                 Err(status) => return status,
@@ -476,12 +475,13 @@ pub unsafe extern "system" fn FltReadFileEx(
             iopb.Parameters.Read.Length = length;
             iopb.Parameters.Read.ByteOffset = at;
             iopb.Parameters.Read.ReadBuffer = buffer;
+            iopb.Parameters.Read.MdlAddress = mdl.cast_mut();
             request.complete(status, n);
-            let read_back = Some(ReadBack { data, buffer: buffer as usize });
+            let read_back = Some(ReadBack { data, buffer: memory as usize });
             return pend(API, filter, &handle, request, read_back, callback, callback_context);
         }
-        // SAFETY: the driver's buffer holds `length` bytes and `n <= length`.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buffer.cast::<u8>(), n) };
+        // SAFETY: the driver's buffer (or the MDL's pages) holds `length` bytes and `n <= length`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), memory, n) };
         if !bytes_read.is_null() {
             // SAFETY: the driver passes a place for the count.
             unsafe { bytes_read.write(u32::try_from(n).unwrap_or(u32::MAX)) };
@@ -515,13 +515,13 @@ pub unsafe extern "system" fn FltWriteFileEx(
 ) -> NTSTATUS {
     const API: &str = "FltWriteFileEx";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        let (handle, filter, offset) =
+        let (handle, filter, offset, memory) =
             match check_io(API, FLTWRITEFILEEX, instance, file_object, byte_offset, length, buffer, flags, mdl) {
                 Ok(checked) => checked,
                 Err(status) => return status,
             };
-        // SAFETY: the driver's buffer holds `length` bytes.
-        let data = unsafe { std::slice::from_raw_parts(buffer.cast::<u8>(), usize::try_from(length).unwrap_or(0)) };
+        // SAFETY: the driver's buffer (or the MDL's pages) holds `length` bytes.
+        let data = unsafe { std::slice::from_raw_parts(memory.cast_const(), usize::try_from(length).unwrap_or(0)) };
         let origin = Origin { initiator: Some(filter), below: Some(instance) };
         let update = flags & FLTFL_IO_OPERATION_DO_NOT_UPDATE_BYTE_OFFSET == 0;
         let at = start_offset(file_object, offset);
@@ -537,6 +537,7 @@ pub unsafe extern "system" fn FltWriteFileEx(
             iopb.Parameters.Write.Length = length;
             iopb.Parameters.Write.ByteOffset = at;
             iopb.Parameters.Write.WriteBuffer = buffer.cast_mut();
+            iopb.Parameters.Write.MdlAddress = mdl.cast_mut();
             request.complete(status, n);
             return pend(API, filter, &handle, request, None, callback, callback_context);
         }

@@ -13,5 +13,6 @@ pub mod port;
 pub mod postpend;
 pub mod query;
 pub mod registration;
+pub mod userbuf;
 
 pub use registration::{FilterRecord, InstanceDefinition, OperationRecord, filters};

@@ -48,7 +48,15 @@ use windows_sys::Wdk::Storage::FileSystem::{
     Minifilters::{IRP_MJ_NETWORK_QUERY_OPEN, IRP_MJ_QUERY_OPEN},
 };
 
-use crate::fltmgr::dispatch::{IRP_MJ_CREATE, Origin, Request, dispatch};
+use crate::fltmgr::{
+    dispatch::{IRP_MJ_CREATE, Origin, Request, dispatch},
+    userbuf,
+};
+
+/// Who touches a read's buffer when the model file system fills it (as [`userbuf::buffer_for`] reports it).
+const FS_READ: &str = "IRP_MJ_READ (file system)";
+/// Who touches a write's buffer when the model file system takes its data.
+const FS_WRITE: &str = "IRP_MJ_WRITE (file system)";
 
 /// What a program asks for when it opens a file (`NtCreateFile`'s parameters).
 #[derive(Clone, Copy, Debug)]
@@ -712,6 +720,8 @@ pub(crate) fn read_from(
     }
     let at = resolve_offset(&t, offset)?;
     let mut buffer = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    // A user-mode request's buffer is a user address, valid only in this (the requesting) process.
+    let _user_buffer = userbuf::register(buffer.as_ptr(), buffer.len(), kernel_mode);
     let mut request = Request::new(major(IRP_MJ_READ), t.file_object, kernel_mode).from_origin(origin);
     {
         let iopb = request.iopb();
@@ -719,6 +729,7 @@ pub(crate) fn read_from(
         iopb.Parameters.Read.ByteOffset = i64::try_from(at).map_err(|_| STATUS_INVALID_PARAMETER)?;
         iopb.Parameters.Read.ReadBuffer = buffer.as_mut_ptr().cast();
     }
+    let own_buffer = (buffer.as_mut_ptr() as usize, buffer.len());
     dispatch(t.volume.handle, &mut request, |request| {
         // SAFETY: the union holds the Read parameters for IRP_MJ_READ.
         let read = unsafe { request.iopb().Parameters.Read };
@@ -735,10 +746,21 @@ pub(crate) fn read_from(
             let outer = request.data() as usize;
             super::mm::fault_for_cached_read(handle, from, usize::try_from(read.Length).unwrap_or(0), outer);
         }
-        match fs::read(t.open, from, usize::try_from(read.Length).unwrap_or(0)) {
+        let wanted = usize::try_from(read.Length).unwrap_or(0);
+        // The file system fills the buffer the request now carries (a filter may have swapped it or locked it).
+        let destination = match userbuf::buffer_for(FS_READ, read.MdlAddress, read.ReadBuffer, wanted) {
+            Ok(destination) => destination,
+            Err(status) => return request.complete(status, 0),
+        };
+        match fs::read(t.open, from, wanted) {
             Ok(data) => {
-                let n = data.len().min(buffer.len());
-                buffer[..n].copy_from_slice(&data[..n]);
+                let mut n = data.len().min(wanted);
+                if destination as usize == own_buffer.0 {
+                    n = n.min(own_buffer.1);
+                }
+                // SAFETY: the request's buffer holds `Length` bytes (the I/O manager's own buffer, checked above, or
+                // one a filter put there, which must hold `Length` bytes) and `n` is no more.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), destination, n) };
                 request.complete(STATUS_SUCCESS, n);
             }
             Err(status) => request.complete(status, 0),
@@ -780,6 +802,7 @@ pub(crate) fn write_from(
     }
     let at = resolve_offset(&t, offset)?;
     let mut buffer = data.to_vec();
+    let _user_buffer = userbuf::register(buffer.as_ptr(), buffer.len(), kernel_mode);
     let mut request = Request::new(major(IRP_MJ_WRITE), t.file_object, kernel_mode).from_origin(origin);
     {
         let iopb = request.iopb();
@@ -787,17 +810,28 @@ pub(crate) fn write_from(
         iopb.Parameters.Write.ByteOffset = i64::try_from(at).map_err(|_| STATUS_INVALID_PARAMETER)?;
         iopb.Parameters.Write.WriteBuffer = buffer.as_mut_ptr().cast();
     }
+    let own_buffer = (buffer.as_mut_ptr() as usize, buffer.len());
     dispatch(t.volume.handle, &mut request, |request| {
         // SAFETY: the union holds the Write parameters for IRP_MJ_WRITE.
         let write = unsafe { request.iopb().Parameters.Write };
         let from = u64::try_from(write.ByteOffset).unwrap_or(u64::MAX);
-        let n = usize::try_from(write.Length).unwrap_or(0).min(buffer.len());
         let paging = request.iopb().IrpFlags & IRP_PAGING_IO != 0;
         if !paging && !fs_lock_allows(handle, t.file_object, from, u64::from(write.Length), true) {
             request.complete(STATUS_FILE_LOCK_CONFLICT, 0);
             return;
         }
-        match fs::write(t.open, Some(from), &buffer[..n]) {
+        let mut n = usize::try_from(write.Length).unwrap_or(0);
+        // The file system takes the data from the buffer the request now carries.
+        let source = match userbuf::buffer_for(FS_WRITE, write.MdlAddress, write.WriteBuffer, n) {
+            Ok(source) => source,
+            Err(status) => return request.complete(status, 0),
+        };
+        if source as usize == own_buffer.0 {
+            n = n.min(own_buffer.1);
+        }
+        // SAFETY: the request's buffer holds `Length` bytes (see the read above) and `n` is no more.
+        let bytes = unsafe { std::slice::from_raw_parts(source.cast_const(), n) };
+        match fs::write(t.open, Some(from), bytes) {
             Ok(written) => request.complete(STATUS_SUCCESS, written),
             Err(status) => request.complete(status, 0),
         }
