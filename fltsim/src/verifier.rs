@@ -125,6 +125,10 @@ pub enum Rule {
     /// The same bytes of a raw user buffer were read twice during one message: a double fetch, which another user
     /// thread can exploit by changing the buffer between the reads.
     UserBufferDoubleFetch,
+    /// A thread waited for an oplock event only it could bring about: an operation waited for the acknowledgement
+    /// of an oplock break (or for an oplock requested with `FILE_OPEN_REQUIRING_OPLOCK`) that its own thread owes,
+    /// or a thread waited for its own oplock to break, with no other thread left that could act: a deadlock.
+    OplockBreakDeadlock,
     /// The model itself failed (a panic inside an export): a bug in fltsim, never in the driver.
     ModelFault,
 }
@@ -181,6 +185,7 @@ impl Rule {
             Self::ClientPortLeak => "client-port-leak",
             Self::UserBufferUnsafeAccess => "user-buffer-unsafe-access",
             Self::UserBufferDoubleFetch => "user-buffer-double-fetch",
+            Self::OplockBreakDeadlock => "oplock-break-deadlock",
             Self::ModelFault => "model-fault",
         }
     }
@@ -281,6 +286,7 @@ impl Rule {
             Self::UserBufferDoubleFetch => {
                 "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-probeforread"
             }
+            Self::OplockBreakDeadlock => "https://learn.microsoft.com/windows-hardware/drivers/ifs/breaking-oplocks",
             Self::ModelFault => "fltsim/README.md",
         }
     }

@@ -144,6 +144,8 @@ struct OpenFile {
     handle_open: bool,
     /// The stream it opened.
     stream: StreamId,
+    /// The create's final status (`STATUS_OPLOCK_BREAK_IN_PROGRESS` is a success that matters).
+    create_status: NTSTATUS,
 }
 
 // SAFETY: the raw pointers inside FILE_OBJECT refer to model-owned boxes that live as long as the open file.
@@ -324,6 +326,8 @@ pub(crate) fn cancel_open(file_object: *const FILE_OBJECT) -> Result<(), String>
         let boxed = unsafe { &mut *(boxed as *mut FileObjectBox) };
         boxed.object.Flags |= FO_FILE_OPEN_CANCELLED;
     }
+    // A FILE_OPEN_REQUIRING_OPLOCK open that is cancelled no longer holds the stream for its oplock.
+    super::oplock::cleanup(open);
     fs::cleanup(open);
     fs::close(open);
     CANCELLED.lock().unwrap_or_else(PoisonError::into_inner).insert(address);
@@ -556,7 +560,11 @@ fn create_once(
             open_target_directory: u32::from(iopb.OperationFlags) & SL_OPEN_TARGET_DIRECTORY != 0,
             check_access_for: identity,
         };
-        let outcome = if fs_params.options & FILE_OPEN_BY_FILE_ID == 0 {
+        // The oplock package sees the create before the open (breaks, acknowledgements, FILE_OPEN_REQUIRING_OPLOCK).
+        let oplocks = super::oplock::gate_create(&volume, &within, &fs_params);
+        let outcome = if let Err(status) = oplocks {
+            Err(status)
+        } else if fs_params.options & FILE_OPEN_BY_FILE_ID == 0 {
             fs::create_ex(&volume, &within, &fs_params)
         } else {
             file_id_of(&file_object.name).and_then(|id| fs::create_by_file_id_ex(&volume, id, &fs_params))
@@ -564,7 +572,15 @@ fn create_once(
         match outcome {
             Ok(fs::CreateOutcome::Opened(done)) => {
                 attach_stream(&mut file_object.object, done.stream);
-                request.complete(STATUS_SUCCESS, done.information);
+                if fs_params.options & windows_sys::Wdk::Storage::FileSystem::FILE_OPEN_REQUIRING_OPLOCK != 0 {
+                    super::oplock::require_oplock(done.stream, done.open);
+                }
+                let status = if oplocks == Ok(super::oplock::CreateBreak::InProgress) {
+                    windows_sys::Win32::Foundation::STATUS_OPLOCK_BREAK_IN_PROGRESS
+                } else {
+                    STATUS_SUCCESS
+                };
+                request.complete(status, done.information);
                 OPENED_IN_CREATE.lock().unwrap_or_else(PoisonError::into_inner).insert(object_address, done.open);
                 created = Some(done);
             }
@@ -611,6 +627,7 @@ fn create_once(
                 references,
                 handle_open: true,
                 stream: done.stream,
+                create_status: status,
             },
         );
         id
@@ -867,6 +884,8 @@ pub(crate) fn close_handle(handle: &Handle) -> bool {
         let _ = with_open(handle, |f| f.stream).map(|stream| {
             with_table(|table| table.locks.get_mut(&stream).map(|l| l.unlock_all(owner)));
         });
+        // And the handle's oplocks break to none, releasing whatever waits for their acknowledgement.
+        super::oplock::cleanup(t.open);
         fs::cleanup(t.open);
         request.complete(STATUS_SUCCESS, 0);
     });
@@ -1169,6 +1188,7 @@ pub(crate) fn set_from(
         // SAFETY: the union holds the SetFileInformation parameters for IRP_MJ_SET_INFORMATION.
         let set = unsafe { request.iopb().Parameters.SetFileInformation };
         let length = usize::try_from(set.Length).unwrap_or(0).min(buffer.len());
+        super::oplock::before_set_information(t.open, set.FileInformationClass, &buffer[..length]);
         match super::info::set(t.open, t.file_object, &t.volume, set.FileInformationClass, &buffer[..length]) {
             Ok(()) => request.complete(STATUS_SUCCESS, 0),
             Err(status) => request.complete(status, 0),
@@ -1291,6 +1311,8 @@ fn lock_control(
     }
     let stream = with_open(handle, |f| f.stream)?;
     dispatch(t.volume.handle, &mut request, |request| {
+        // Every byte-range lock operation checks the stream's oplocks first.
+        super::oplock::before_operation(t.open, super::oplock::Operation::Lock);
         let owner = lock_owner(t.file_object);
         let result = with_table(|table| {
             let locks = table.locks.entry(stream).or_default();
@@ -1308,3 +1330,43 @@ fn lock_control(
     let status = request.status();
     if status < 0 { Err(status) } else { Ok(()) }
 }
+
+/// The create status of the open behind `handle`: `STATUS_SUCCESS`, or `STATUS_OPLOCK_BREAK_IN_PROGRESS` for a
+/// `FILE_COMPLETE_IF_OPLOCKED` create that broke an oplock without waiting for its acknowledgement.
+///
+/// # Errors
+/// `STATUS_INVALID_PARAMETER` for a handle that is not open.
+pub fn create_status(handle: &Handle) -> Result<NTSTATUS, NTSTATUS> {
+    with_open(handle, |f| f.create_status)
+}
+
+/// What the file system's FSCTL handling needs of a handle ([`super::fsctl`]).
+pub(crate) struct FsctlTarget {
+    pub(crate) file_object: *mut FILE_OBJECT,
+    pub(crate) volume: Volume,
+    pub(crate) open: OpenId,
+    pub(crate) kernel_mode: bool,
+    pub(crate) synchronous: bool,
+    pub(crate) stream: StreamId,
+}
+
+/// The file object, volume, open and stream of `handle`, for a file-system control.
+pub(crate) fn fsctl_target(handle: &Handle) -> Result<FsctlTarget, NTSTATUS> {
+    let stream = with_open(handle, |f| f.stream)?;
+    let t = target(handle)?;
+    Ok(FsctlTarget {
+        file_object: t.file_object,
+        volume: t.volume,
+        open: t.open,
+        kernel_mode: t.kernel_mode,
+        synchronous: t.synchronous,
+        stream,
+    })
+}
+
+/// Whether the file system holds byte-range locks on `stream`.
+pub(crate) fn stream_has_locks(stream: StreamId) -> bool {
+    with_table(|t| t.locks.get(&stream).is_some_and(|l| !l.locks().is_empty()))
+}
+
+pub use super::fsctl::{FsControl, FsControlResult, PendingFsControl, fs_control, fs_control_async};

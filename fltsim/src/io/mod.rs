@@ -5,10 +5,12 @@
 //! volume (see [`crate::fltmgr::instance`]).
 
 pub mod fs;
+pub mod fsctl;
 pub mod info;
 pub mod iomgr;
 pub mod locks;
 pub mod mm;
+pub mod oplock;
 pub mod volume;
 pub mod zw;
 

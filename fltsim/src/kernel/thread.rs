@@ -180,6 +180,51 @@ pub fn run_on_system_thread<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -
     })
 }
 
+/// The host threads started with [`spawn`] that have not returned yet.
+static SPAWNED: std::sync::Mutex<Vec<thread::ThreadId>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes a [`spawn`]ed thread from [`SPAWNED`] when its closure returns or unwinds.
+struct SpawnedGuard(thread::ThreadId);
+
+impl Drop for SpawnedGuard {
+    fn drop(&mut self) {
+        SPAWNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|id| *id != self.0);
+    }
+}
+
+/// Starts `f` on a new system thread (PASSIVE_LEVEL, no regions, no top-level IRP) with a kernel-sized stack, and
+/// returns at once: how a test runs a second program or driver thread concurrently, for example one that
+/// acknowledges an oplock break while the test's own thread waits in a create.
+///
+/// The model counts these threads while they run: a wait that only another thread could end (an oplock break
+/// acknowledgement, [`crate::io::oplock`]) is reported instead of hanging when no such thread, and no system
+/// worker, is left. A thread started with `std::thread::spawn` is invisible to that rule.
+///
+/// # Errors
+/// The host could not start the thread.
+pub fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<thread::JoinHandle<T>> {
+    let (started, ready) = std::sync::mpsc::channel();
+    let handle = thread::Builder::new().name(name.to_owned()).stack_size(KERNEL_STACK_SIZE).spawn(move || {
+        let _guard = SpawnedGuard(thread::current().id());
+        ready.recv().unwrap_or_default();
+        f()
+    })?;
+    // Counted before this returns, so a wait that starts right after sees the new thread.
+    SPAWNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(handle.thread().id());
+    started.send(()).unwrap_or_default();
+    Ok(handle)
+}
+
+/// How many threads started with [`spawn`] are still running, not counting the calling thread.
+#[must_use]
+pub fn other_spawned_threads() -> usize {
+    let me = thread::current().id();
+    SPAWNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().filter(|id| **id != me).count()
+}
+
 /// `KeGetCurrentIrql`: callable at any IRQL. Windows reads it inline (CR8 on x64, the KPCR through x18 on ARM64);
 /// on the host the driver calls this export instead.
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-kegetcurrentirql>.

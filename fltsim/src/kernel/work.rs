@@ -118,9 +118,23 @@ fn worker() {
     }
 }
 
+thread_local! {
+    /// How many work items this thread is running (more than one only when an item ran inline).
+    static RUNNING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many queued work items have not finished, not counting those running on the calling thread: the workers
+/// that could still act for a thread that waits.
+#[must_use]
+pub fn outstanding_elsewhere() -> usize {
+    outstanding().saturating_sub(RUNNING.with(std::cell::Cell::get))
+}
+
 fn run(job: Job, item: &WorkItem) {
     let before = thread::snapshot();
+    RUNNING.with(|r| r.set(r.get().saturating_add(1)));
     guarded("system worker routine", (), job);
+    RUNNING.with(|r| r.set(r.get().saturating_sub(1)));
     thread::check_balanced("system worker routine", &before);
     *lock(&item.done.0) = true;
     item.done.1.notify_all();

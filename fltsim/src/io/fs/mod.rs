@@ -1292,6 +1292,10 @@ fn touch_write(node: &mut Node) {
 /// `STATUS_ACCESS_DENIED` without write access; `STATUS_INVALID_PARAMETER` on a directory; `STATUS_FILE_CLOSED`
 /// after cleanup.
 pub fn write(open: OpenId, offset: Option<u64>, data: &[u8]) -> Result<usize, NTSTATUS> {
+    // Paging writes do not check oplocks: the cached write that dirtied the pages did.
+    if !crate::fltmgr::dispatch::servicing_paging_io() {
+        super::oplock::before_operation(open, super::oplock::Operation::Write);
+    }
     with_state(|s| {
         let (o, vol) = s.live_with_vol(open)?;
         if o.access & WRITE_RIGHTS == 0 {
@@ -1350,6 +1354,7 @@ pub fn end_of_file(open: OpenId) -> Result<u64, NTSTATUS> {
 /// `STATUS_ACCESS_DENIED` without write access; `STATUS_INVALID_PARAMETER` on a directory; `STATUS_FILE_CLOSED`
 /// after cleanup.
 pub fn set_end_of_file(open: OpenId, size: u64) -> Result<(), NTSTATUS> {
+    super::oplock::before_operation(open, super::oplock::Operation::SetSize);
     with_state(|s| {
         let (o, vol) = s.live_with_vol(open)?;
         if o.access & FILE_WRITE_DATA == 0 {
@@ -1898,6 +1903,56 @@ pub fn flush(open: OpenId) -> Result<(), NTSTATUS> {
 /// `STATUS_INVALID_PARAMETER` for an unknown open.
 pub fn granted_access(open: OpenId) -> Result<u32, NTSTATUS> {
     with_state(|s| s.opens.get(&open).map(|o| o.access).ok_or(STATUS_INVALID_PARAMETER))
+}
+
+/// The stream `open` opened.
+#[must_use]
+pub fn stream_of(open: OpenId) -> Option<StreamId> {
+    with_state(|s| s.opens.get(&open).map(|o| o.stream))
+}
+
+/// How many other opens of `open`'s stream still have their handle (no cleanup yet): the oplock package's "other
+/// opens on the stream".
+#[must_use]
+pub fn other_opens_of_stream(open: OpenId) -> usize {
+    with_state(|s| {
+        let Some(stream) = s.opens.get(&open).map(|o| o.stream) else { return 0 };
+        s.opens.iter().filter(|(id, o)| **id != open && o.stream == stream && !o.cleaned_up).count()
+    })
+}
+
+/// The existing stream `path` names on `volume`, looked up without opening it (`None` when it does not exist yet
+/// or a reparse point lies on the way), and whether an open of it with `desired_access` and `share_access` would
+/// meet a sharing violation: what the oplock package needs to know before a create reaches the stream
+/// ([`super::oplock`]).
+#[must_use]
+pub fn peek_stream(
+    volume: &Volume,
+    path: &str,
+    case_sensitive: bool,
+    desired_access: u32,
+    share_access: u32,
+) -> Option<(StreamId, bool)> {
+    with_state(|s| {
+        let parsed = names::parse(path).ok()?;
+        let vol = s.vol(volume);
+        let node = if parsed.components.is_empty() {
+            ROOT_FILE_ID
+        } else {
+            let Ok(Walked::Parent(dir)) = walk(vol, &parsed, case_sensitive) else { return None };
+            let link = vol.lookup(dir, parsed.components.last()?, case_sensitive)?;
+            vol.links.get(&link)?.node
+        };
+        let node = vol.nodes.get(&node)?;
+        let stream = match &parsed.stream {
+            StreamSpec::Named(name) => {
+                node.streams.iter().find(|(k, _)| names::same(k, name, case_sensitive)).map(|(_, st)| st.id)?
+            }
+            _ => node.stream,
+        };
+        let conflict = share_conflict(&s.opens, stream, map_generic(desired_access), share_access);
+        Some((stream, conflict))
+    })
 }
 
 /// `IRP_MJ_CLEANUP`: the last handle to the file object is closed. Its share access is released; with
