@@ -327,8 +327,8 @@ pub(crate) fn cancel_open(file_object: *const FILE_OBJECT) -> Result<(), String>
         boxed.object.Flags |= FO_FILE_OPEN_CANCELLED;
     }
     // A FILE_OPEN_REQUIRING_OPLOCK open that is cancelled no longer holds the stream for its oplock.
-    super::oplock::cleanup(open);
     fs::cleanup(open);
+    super::oplock::cleanup(open);
     fs::close(open);
     CANCELLED.lock().unwrap_or_else(PoisonError::into_inner).insert(address);
     Ok(())
@@ -884,9 +884,11 @@ pub(crate) fn close_handle(handle: &Handle) -> bool {
         let _ = with_open(handle, |f| f.stream).map(|stream| {
             with_table(|table| table.locks.get_mut(&stream).map(|l| l.unlock_all(owner)));
         });
-        // And the handle's oplocks break to none, releasing whatever waits for their acknowledgement.
-        super::oplock::cleanup(t.open);
         fs::cleanup(t.open);
+        // And the handle's oplocks break to none, releasing whatever waits for their acknowledgement — after the
+        // file system has let go of the handle's share access: on Windows the waiting create cannot get at the file
+        // before the cleanup that holds it is done.
+        super::oplock::cleanup(t.open);
         request.complete(STATUS_SUCCESS, 0);
     });
     let _ = with_open(handle, |f| f.handle_open = false);
