@@ -162,6 +162,62 @@ pub const EXPORTS: &[Export] = &[
         "ntddk/nf-ntddk-psgetprocessid"
     ),
     export!(
+        "PsGetCurrentThread",
+        "ntoskrnl.exe",
+        "HIGH_LEVEL",
+        "the calling thread as an opaque PETHREAD, stable for its life",
+        "ntddk/nf-ntddk-psgetcurrentthread"
+    ),
+    export!(
+        "SeCreateClientSecurityFromSubjectContext",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; a subject context the model captured (a create's), a valid quality of service, a place for the context; a client impersonating below SecurityImpersonation (or below delegation for a remote server) answers STATUS_BAD_IMPERSONATION_LEVEL; the context is held until SeDeleteClientSecurity",
+        "ntifs/nf-ntifs-secreateclientsecurityfromsubjectcontext"
+    ),
+    export!(
+        "SeImpersonateClientEx",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; a live client context; ServerThread NULL or the caller's (another thread is unsupported-by-model); replaces the thread's impersonation",
+        "ntifs/nf-ntifs-seimpersonateclientex"
+    ),
+    export!(
+        "SeDeleteClientSecurity",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; a live client context, deleted once; never deleted is security-reference-leak",
+        "ntifs/nf-ntifs-sedeleteclientsecurity"
+    ),
+    export!(
+        "PsImpersonateClient",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; the caller's PETHREAD; NULL ends the impersonation, else a token object the model handed out at a valid level",
+        "ntifs/nf-ntifs-psimpersonateclient"
+    ),
+    export!(
+        "PsRevertToSelf",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; ends all of the calling thread's impersonation",
+        "ntifs/nf-ntifs-psreverttoself"
+    ),
+    export!(
+        "PsReferenceImpersonationToken",
+        "ntoskrnl.exe",
+        "PASSIVE_LEVEL",
+        "IRQL; the caller's PETHREAD; the impersonation token, referenced until PsDereferenceImpersonationToken, or NULL",
+        "ntifs/nf-ntifs-psreferenceimpersonationtoken"
+    ),
+    export!(
+        "PsDereferenceImpersonationToken",
+        "ntoskrnl.exe",
+        "APC_LEVEL",
+        "IRQL below DISPATCH_LEVEL; NULL does nothing; else a reference PsReferenceImpersonationToken returned, released once",
+        "ntifs/nf-ntifs-psdereferenceimpersonationtoken"
+    ),
+    export!(
         "KeInitializeEvent",
         "ntoskrnl.exe",
         "HIGH_LEVEL",

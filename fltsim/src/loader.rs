@@ -83,6 +83,8 @@ pub struct LoadedDriver {
     objects: Box<Objects>,
     pool_before: BTreeSet<usize>,
     locks_before: BTreeSet<usize>,
+    /// The client security contexts and token references held before the driver loaded.
+    security_before: BTreeSet<u64>,
     loaded: bool,
 }
 
@@ -128,6 +130,7 @@ pub fn load(service: &str, entry: DriverEntryFn) -> Result<LoadedDriver, LoadErr
 
     let pool_before = pool::live().into_iter().map(|a| a.address).collect();
     let locks_before = crate::fltmgr::filelock::live();
+    let security_before = crate::kernel::security::held();
     let object_ptr = &raw const objects.object as usize;
     let path_ptr = &raw const objects.registry_path as usize;
     let status = thread::run_on_system_thread("System: DriverEntry", move || {
@@ -138,7 +141,8 @@ pub fn load(service: &str, entry: DriverEntryFn) -> Result<LoadedDriver, LoadErr
         status
     })
     .map_err(LoadError::Thread)?;
-    let mut driver = LoadedDriver { service: service.to_owned(), objects, pool_before, locks_before, loaded: true };
+    let mut driver =
+        LoadedDriver { service: service.to_owned(), objects, pool_before, locks_before, security_before, loaded: true };
     if status < 0 {
         driver.loaded = false;
         driver.check_nothing_left("DriverEntry");
@@ -215,6 +219,7 @@ impl LoadedDriver {
             crate::fltmgr::callback_data::report_leaks(filter.handle, after);
         }
         crate::fltmgr::filelock::report_leaks(&self.locks_before, after);
+        crate::kernel::security::report_leaks(&self.security_before, after);
         for leak in pool::live().into_iter().filter(|a| !self.pool_before.contains(&a.address)) {
             verifier::report(
                 Rule::PoolLeak,

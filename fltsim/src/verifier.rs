@@ -129,8 +129,30 @@ pub enum Rule {
     /// of an oplock break (or for an oplock requested with `FILE_OPEN_REQUIRING_OPLOCK`) that its own thread owes,
     /// or a thread waited for its own oplock to break, with no other thread left that could act: a deadlock.
     OplockBreakDeadlock,
+    /// A kernel-mode create with `IO_FORCE_ACCESS_CHECK` made on behalf of a user's request checked access as an
+    /// identity other than the requestor's (the thread's effective token, such as SYSTEM in a worker thread).
+    AccessCheckWrongIdentity,
+    /// A filter callback or a work item routine returned with its thread's impersonation changed: left
+    /// impersonating, or ended an impersonation the thread had before.
+    ImpersonationNotRestored,
+    /// A client security context was never deleted, or an impersonation token reference never released.
+    SecurityReferenceLeak,
     /// The model itself failed (a panic inside an export): a bug in fltsim, never in the driver.
     ModelFault,
+}
+
+/// A page of the Windows driver docs, by its path below `windows-hardware/drivers/`.
+macro_rules! drivers {
+    ($path:literal) => {
+        concat!("https://learn.microsoft.com/windows-hardware/drivers/", $path)
+    };
+}
+
+/// A page of the driver DDI reference, by its path below `windows-hardware/drivers/ddi/`.
+macro_rules! ddi {
+    ($path:literal) => {
+        concat!("https://learn.microsoft.com/windows-hardware/drivers/ddi/", $path)
+    };
 }
 
 impl Rule {
@@ -186,6 +208,9 @@ impl Rule {
             Self::UserBufferUnsafeAccess => "user-buffer-unsafe-access",
             Self::UserBufferDoubleFetch => "user-buffer-double-fetch",
             Self::OplockBreakDeadlock => "oplock-break-deadlock",
+            Self::AccessCheckWrongIdentity => "access-check-wrong-identity",
+            Self::ImpersonationNotRestored => "impersonation-not-restored",
+            Self::SecurityReferenceLeak => "security-reference-leak",
             Self::ModelFault => "model-fault",
         }
     }
@@ -194,46 +219,30 @@ impl Rule {
     #[must_use]
     pub const fn docs(self) -> &'static str {
         match self {
-            Self::IrqlTooHigh => "https://learn.microsoft.com/windows-hardware/drivers/devtest/irql-checking",
-            Self::PoolInvalidRequest => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-exallocatepool2"
-            }
+            Self::IrqlTooHigh => drivers!("devtest/irql-checking"),
+            Self::PoolInvalidRequest => ddi!("wdm/nf-wdm-exallocatepool2"),
             Self::PoolDoubleFree | Self::PoolFreeNotAllocated | Self::PoolTagMismatch => {
-                "https://learn.microsoft.com/windows-hardware/drivers/debugger/bug-check-0xc2--bad-pool-caller"
+                drivers!("debugger/bug-check-0xc2--bad-pool-caller")
             }
-            Self::PoolLeak => "https://learn.microsoft.com/windows-hardware/drivers/devtest/pool-tracking",
-            Self::RegistrationInvalid => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/ns-fltkernel-_flt_registration"
-            }
+            Self::PoolLeak => drivers!("devtest/pool-tracking"),
+            Self::RegistrationInvalid => ddi!("fltkernel/ns-fltkernel-_flt_registration"),
             Self::InvalidFilterHandle | Self::UnregisterWaitsForItself => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltunregisterfilter"
+                ddi!("fltkernel/nf-fltkernel-fltunregisterfilter")
             }
-            Self::FilterNotUnregistered => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_filter_unload_callback"
-            }
+            Self::FilterNotUnregistered => ddi!("fltkernel/nc-fltkernel-pflt_filter_unload_callback"),
             Self::InvalidPreOpStatus
             | Self::PostOpMissing
             | Self::CompletionContextNotAllowed
             | Self::CompleteWithPending
-            | Self::StatusNotAllowedForOperation => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_pre_operation_callback"
-            }
-            Self::InvalidPostOpStatus => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_post_operation_callback"
-            }
+            | Self::StatusNotAllowedForOperation => ddi!("fltkernel/nc-fltkernel-pflt_pre_operation_callback"),
+            Self::InvalidPostOpStatus => ddi!("fltkernel/nc-fltkernel-pflt_post_operation_callback"),
             Self::UnsupportedByModel => "fltsim/README.md#not-modelled-yet",
             Self::ReentrantIo | Self::TopLevelIrpSet | Self::ApcsDisabled => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltcreatefileex2"
+                ddi!("fltkernel/nf-fltkernel-fltcreatefileex2")
             }
-            Self::UncheckedOpenForUser => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/ntddk/nf-ntddk-iocreatefileex"
-            }
-            Self::CachedIoFromPagingPath => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ifs/constraints-on-dispatch-routines"
-            }
-            Self::ContextMisuse => {
-                "https://learn.microsoft.com/windows-hardware/drivers/debugger/bug-check-0xf5--fltmgr-file-system"
-            }
+            Self::UncheckedOpenForUser | Self::AccessCheckWrongIdentity => ddi!("ntddk/nf-ntddk-iocreatefileex"),
+            Self::CachedIoFromPagingPath => drivers!("ifs/constraints-on-dispatch-routines"),
+            Self::ContextMisuse => drivers!("debugger/bug-check-0xf5--fltmgr-file-system"),
             Self::FileLeak
             | Self::WorkItemLeak
             | Self::ContextLeak
@@ -242,51 +251,25 @@ impl Rule {
             | Self::CallbackDataLeak
             | Self::FileLockLeak
             | Self::RecursiveIo
-            | Self::InvalidArgument => {
-                "https://learn.microsoft.com/windows-hardware/drivers/devtest/file-system-filter-verification"
-            }
-            Self::CreateFailureProtocol => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ifs/failing-an-i-o-operation-in-a-postoperation-callback-routine"
-            }
-            Self::PendedNeverCompleted => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ifs/pending-an-i-o-operation-in-a-preoperation-callback-routine"
-            }
-            Self::AsyncIoOutstandingAtUnload => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_instance_teardown_callback"
-            }
-            Self::BugCheck => "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-kebugcheckex",
-            Self::RegionLeaveWithoutEnter => {
-                "https://learn.microsoft.com/windows-hardware/drivers/kernel/critical-regions-and-guarded-regions"
-            }
-            Self::CallbackStateMismatch => {
-                "https://learn.microsoft.com/windows-hardware/drivers/debugger/bug-check-0x1--apc-index-mismatch"
-            }
-            Self::FilterSetTopLevelIrp => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-iosettoplevelirp"
-            }
-            Self::WaitForWorkerInUnsafeContext => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltqueuedeferredioworkitem"
-            }
-            Self::WaitNeedsDisabledApc => "https://learn.microsoft.com/windows-hardware/drivers/kernel/types-of-apcs",
-            Self::InvalidKernelObject => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-kewaitforsingleobject"
-            }
-            Self::PushLockMisuse => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltacquirepushlockexclusive"
-            }
-            Self::PortLeak => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltclosecommunicationport"
-            }
-            Self::ClientPortLeak => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltcloseclientport"
-            }
-            Self::UserBufferUnsafeAccess => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_message_notify"
-            }
-            Self::UserBufferDoubleFetch => {
-                "https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-probeforread"
-            }
-            Self::OplockBreakDeadlock => "https://learn.microsoft.com/windows-hardware/drivers/ifs/breaking-oplocks",
+            | Self::InvalidArgument => drivers!("devtest/file-system-filter-verification"),
+            Self::CreateFailureProtocol => drivers!("ifs/failing-an-i-o-operation-in-a-postoperation-callback-routine"),
+            Self::PendedNeverCompleted => drivers!("ifs/pending-an-i-o-operation-in-a-preoperation-callback-routine"),
+            Self::AsyncIoOutstandingAtUnload => ddi!("fltkernel/nc-fltkernel-pflt_instance_teardown_callback"),
+            Self::BugCheck => ddi!("wdm/nf-wdm-kebugcheckex"),
+            Self::RegionLeaveWithoutEnter => drivers!("kernel/critical-regions-and-guarded-regions"),
+            Self::CallbackStateMismatch => drivers!("debugger/bug-check-0x1--apc-index-mismatch"),
+            Self::FilterSetTopLevelIrp => ddi!("ntifs/nf-ntifs-iosettoplevelirp"),
+            Self::WaitForWorkerInUnsafeContext => ddi!("fltkernel/nf-fltkernel-fltqueuedeferredioworkitem"),
+            Self::WaitNeedsDisabledApc => drivers!("kernel/types-of-apcs"),
+            Self::InvalidKernelObject => ddi!("wdm/nf-wdm-kewaitforsingleobject"),
+            Self::PushLockMisuse => ddi!("fltkernel/nf-fltkernel-fltacquirepushlockexclusive"),
+            Self::PortLeak => ddi!("fltkernel/nf-fltkernel-fltclosecommunicationport"),
+            Self::ClientPortLeak => ddi!("fltkernel/nf-fltkernel-fltcloseclientport"),
+            Self::UserBufferUnsafeAccess => ddi!("fltkernel/nc-fltkernel-pflt_message_notify"),
+            Self::UserBufferDoubleFetch => ddi!("wdm/nf-wdm-probeforread"),
+            Self::OplockBreakDeadlock => drivers!("ifs/breaking-oplocks"),
+            Self::ImpersonationNotRestored => ddi!("ntifs/nf-ntifs-psimpersonateclient"),
+            Self::SecurityReferenceLeak => ddi!("ntifs/nf-ntifs-sedeleteclientsecurity"),
             Self::ModelFault => "fltsim/README.md",
         }
     }

@@ -74,12 +74,38 @@ pub struct CallbackFrame {
     pub user_request: bool,
     /// Whether this is the post-operation callback (otherwise the pre-operation callback).
     pub post: bool,
+    /// The operation's callback data (its address).
+    pub data: usize,
 }
 
 thread_local! {
     static FRAMES: RefCell<Vec<CallbackFrame>> = const { RefCell::new(Vec::new()) };
     static NESTING: RefCell<usize> = const { RefCell::new(0) };
     static PAGING: RefCell<usize> = const { RefCell::new(0) };
+    static SERVICING: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` as the routine of a deferred-I/O work item servicing the pended operation whose callback data is
+/// `data`: work done there is done on that operation's behalf.
+pub(crate) fn servicing<T>(data: usize, f: impl FnOnce() -> T) -> T {
+    SERVICING.with(|s| s.borrow_mut().push(data));
+    let result = f();
+    SERVICING.with(|s| s.borrow_mut().pop());
+    result
+}
+
+/// The user-mode operation on whose behalf this thread works, if any: the operation of the innermost filter
+/// callback running here if it was requested from user mode, or else the user-mode operation a deferred-I/O work
+/// item running here services. Its callback data's address.
+#[must_use]
+pub fn on_behalf_of_user() -> Option<usize> {
+    if let Some(frame) = FRAMES.with(|f| f.borrow().last().copied()) {
+        return frame.user_request.then_some(frame.data);
+    }
+    let data = SERVICING.with(|s| s.borrow().last().copied())?;
+    // SAFETY: a pended operation's callback data stays alive while a work item services it.
+    let user = unsafe { (data as *const FLT_CALLBACK_DATA).as_ref() }.is_some_and(|d| d.RequestorMode != 0);
+    user.then_some(data)
 }
 
 /// Whether this thread is inside the dispatch of a paging I/O operation (its filters' callbacks, the file system):
@@ -104,7 +130,9 @@ pub fn current_filter() -> Option<PFLT_FILTER> {
 /// Runs `f` as the callback `frame` on this thread.
 pub(crate) fn in_frame<T>(frame: CallbackFrame, f: impl FnOnce() -> T) -> T {
     FRAMES.with(|frames| frames.borrow_mut().push(frame));
-    let result = f();
+    let what = if frame.post { "PFLT_POST_OPERATION_CALLBACK" } else { "PFLT_PRE_OPERATION_CALLBACK" };
+    // A callback runs in a thread it does not own: it must leave the thread's impersonation as it found it.
+    let result = crate::kernel::security::keeping_impersonation(what, f);
     FRAMES.with(|frames| frames.borrow_mut().pop());
     result
 }
@@ -358,7 +386,7 @@ fn run_from(
         let objects = related(instance, file_object);
         let mut context: *mut c_void = null_mut();
         let data = &raw mut *request.data;
-        let frame = CallbackFrame { filter: instance.filter, major, user_request, post: false };
+        let frame = CallbackFrame { filter: instance.filter, major, user_request, post: false, data: data as usize };
         super::pending::enter_pre(data, instance.filter);
         // SAFETY: the driver registered this callback and is loaded; the data, objects and context outlive the call.
         let status = in_frame(frame, || unsafe { pre(data, &raw const objects, &raw mut context) });
@@ -598,7 +626,7 @@ fn call_post(
     request.iopb.TargetInstance = pending.instance.handle;
     let objects = related(&pending.instance, file_object);
     let data = &raw mut *request.data;
-    let frame = CallbackFrame { filter: pending.instance.filter, major, user_request, post: true };
+    let frame = CallbackFrame { filter: pending.instance.filter, major, user_request, post: true, data: data as usize };
     super::postpend::enter_post(data, pending.instance.filter);
     let status = in_frame(frame, || {
         thread::at_irql(level, || {

@@ -41,7 +41,7 @@ use windows_sys::{
 };
 
 use super::{
-    dispatch::{Origin, Request, callback_frames, random_post_irql},
+    dispatch::{Origin, Request, random_post_irql},
     instance::instances,
     registration::filters,
 };
@@ -237,13 +237,17 @@ pub unsafe extern "system" fn FltCreateFileEx2(
                  process (the model requires the flag always, stricter than documented)",
             );
         }
-        if flags & IO_FORCE_ACCESS_CHECK == 0 && callback_frames().last().is_some_and(|f| f.user_request) {
+        if flags & IO_FORCE_ACCESS_CHECK == 0 && super::dispatch::on_behalf_of_user().is_some() {
             verifier::report(
                 Rule::UncheckedOpenForUser,
                 API,
-                "a create issued from a callback for a user-mode request without IO_FORCE_ACCESS_CHECK: the kernel \
-                 skips the access check, so the user could reach a file it may not open",
+                "a create issued on behalf of a user-mode request (from its callback, or a work item servicing it) \
+                 without IO_FORCE_ACCESS_CHECK: the kernel skips the access check, so the user could reach a file it \
+                 may not open",
             );
+        }
+        if flags & IO_FORCE_ACCESS_CHECK != 0 {
+            crate::kernel::security::check_identity_for(API);
         }
         // SAFETY: the object attributes' name is NULL or a valid UNICODE_STRING.
         let Some(name) = (unsafe { read_unicode(attributes.ObjectName) }) else {

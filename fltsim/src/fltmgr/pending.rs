@@ -491,8 +491,10 @@ pub unsafe extern "system" fn FltQueueDeferredIoWorkItem(
         with_items(|i| i.insert(item.cast_unsigned(), filter));
         let (data_address, context_address) = (data as usize, context as usize);
         queue_for(filter, move || {
-            // SAFETY: the driver's routine, with the item, the pended operation's data and its context.
-            unsafe { routine(item, data_address as *const FLT_CALLBACK_DATA, context_address as *const c_void) };
+            super::dispatch::servicing(data_address, || {
+                // SAFETY: the driver's routine, with the item, the pended operation's data and its context.
+                unsafe { routine(item, data_address as *const FLT_CALLBACK_DATA, context_address as *const c_void) };
+            });
         });
         STATUS_SUCCESS
     })

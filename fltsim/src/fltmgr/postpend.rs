@@ -292,7 +292,7 @@ fn call_safe(
         let major = unsafe { callback_data.Iopb.as_ref() }.map_or(0, |iopb| iopb.MajorFunction);
         (major, callback_data.RequestorMode != 0)
     });
-    let frame = CallbackFrame { filter: objects.filter, major, user_request, post: true };
+    let frame = CallbackFrame { filter: objects.filter, major, user_request, post: true, data: data as usize };
     let related = objects.to_related();
     // SAFETY: the driver's callback, with the operation's data, its related objects and the driver's context.
     in_frame(frame, || unsafe { callback(data, &raw const related, context, flags) })

@@ -106,16 +106,18 @@ impl Default for OpenParams {
 
 /// Whose access the file system checks for a create: the thread's effective token for user-mode requests and for
 /// kernel-mode requests that force the check; nobody's for other kernel-mode requests, which skip the check.
-fn access_identity(params: &OpenParams) -> Option<fs::AccessIdentity> {
+fn access_identity(params: &OpenParams) -> Result<Option<fs::AccessIdentity>, NTSTATUS> {
     if params.kernel_mode && !params.force_access_check {
-        return None;
+        return Ok(None);
     }
+    // A thread impersonating at identification level cannot have access checked as its client.
+    crate::kernel::security::access_check_level()?;
     let token = crate::kernel::process::effective_token();
-    Some(if token.user == crate::kernel::process::SYSTEM_SID {
+    Ok(Some(if token.user == crate::kernel::process::SYSTEM_SID {
         fs::AccessIdentity::system()
     } else {
         fs::AccessIdentity { user: token.user, admin: token.admin }
-    })
+    }))
 }
 
 /// The kernel objects behind one file object, at stable addresses.
@@ -506,6 +508,8 @@ fn create_request(object: &mut FILE_OBJECT, params: &OpenParams, origin: Origin)
     let mut access_state: Box<ACCESS_STATE> = Box::new(unsafe { std::mem::zeroed() });
     access_state.OriginalDesiredAccess = params.desired_access;
     access_state.RemainingDesiredAccess = params.desired_access;
+    // The requestor's identity, captured as the I/O manager captures it for the create (SeCaptureSubjectContext).
+    access_state.SubjectSecurityContext = crate::kernel::security::subject_context();
     let mut context = Box::new(IO_SECURITY_CONTEXT {
         SecurityQos: std::ptr::null_mut(),
         AccessState: &raw mut *access_state,
@@ -546,6 +550,11 @@ fn create_once(
     let box_address = &raw mut *file_object as usize;
     CREATING.lock().unwrap_or_else(PoisonError::into_inner).insert(object_address, (box_address, volume.clone()));
     dispatch(volume.handle, &mut request, |request| {
+        // The file system checks access as the identity captured for the create, and fails when it cannot.
+        let identity = match &identity {
+            Ok(identity) => identity.clone(),
+            Err(status) => return request.complete(*status, 0),
+        };
         // The file system reads the parameters as the filters left them.
         let iopb = request.iopb();
         // SAFETY: the union holds the Create parameters for IRP_MJ_CREATE.
@@ -1054,6 +1063,10 @@ fn query_open_fast(
     }
     let identity = access_identity(params);
     dispatch(volume.handle, &mut request, |request| {
+        let identity = match &identity {
+            Ok(identity) => identity.clone(),
+            Err(status) => return request.complete(*status, 0),
+        };
         let fs_params = CreateParams {
             disposition: windows_sys::Wdk::Storage::FileSystem::FILE_OPEN,
             options: params.options & 0x00FF_FFFF,

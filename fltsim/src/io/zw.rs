@@ -29,7 +29,7 @@ use windows_sys::{
 use super::iomgr;
 use crate::{
     fltmgr::{
-        dispatch::{Origin, callback_frames, current_filter},
+        dispatch::{Origin, current_filter},
         fileio,
     },
     guard::guarded,
@@ -98,13 +98,16 @@ pub unsafe extern "system" fn ZwCreateFile(
             return STATUS_INVALID_PARAMETER;
         }
         let force = attributes.Attributes & OBJ_FORCE_ACCESS_CHECK != 0;
-        if !force && callback_frames().last().is_some_and(|f| f.user_request) {
+        if !force && crate::fltmgr::dispatch::on_behalf_of_user().is_some() {
             verifier::report(
                 Rule::UncheckedOpenForUser,
                 API,
-                "a kernel-mode ZwCreateFile from a callback for a user-mode request without OBJ_FORCE_ACCESS_CHECK: \
-                 the access check is skipped",
+                "a kernel-mode ZwCreateFile on behalf of a user-mode request without OBJ_FORCE_ACCESS_CHECK: the \
+                 access check is skipped",
             );
+        }
+        if force {
+            crate::kernel::security::check_identity_for(API);
         }
         let name = if attributes.ObjectName.is_null() {
             None

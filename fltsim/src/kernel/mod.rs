@@ -1,10 +1,11 @@
-//! The kernel model: simulated threads with their IRQL and APC state, pool, bugchecks, processes and tokens,
-//! system worker threads, events and push locks.
+//! The kernel model: simulated threads with their IRQL and APC state, pool, bugchecks, processes, tokens and
+//! impersonation, system worker threads, events and push locks.
 
 pub mod apc;
 pub mod bugcheck;
 pub mod pool;
 pub mod process;
+pub mod security;
 pub mod sync;
 pub mod thread;
 pub mod work;

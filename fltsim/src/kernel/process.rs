@@ -1,5 +1,5 @@
 //! Processes and tokens: the System process (pid 4) that system threads belong to, user processes a test creates,
-//! the current thread's process, and a per-thread impersonation stack over the process's primary token.
+//! the current thread's process, and each thread's impersonation of a client over the process's primary token.
 //!
 //! Every host thread starts in the System process, as the loader's threads and the system worker threads are;
 //! a test runs driver code on behalf of a user process with [`run_as`]. A process is identified to the driver by
@@ -7,9 +7,8 @@
 //!
 //! `PsGetCurrentProcess` is a macro for `IoGetCurrentProcess` in wdm.h and is not a symbol windows-sys declares;
 //! `PsGetProcessImageFileName` is undocumented and not declared either, so [`Process::image_file_name`] is a model
-//! query. `PsImpersonateClient` / `PsRevertToSelf` are declared but not exported yet: they take the server thread's
-//! `PETHREAD`, which the model does not hand out until its I/O model gives callback data a thread; impersonation
-//! is modelled by [`impersonate`] and [`effective_token`].
+//! query. Tokens, client security contexts and the impersonation routines drivers call are in
+//! [`super::security`]; tests impersonate with [`impersonate`] and read [`effective_token`].
 
 use std::{
     cell::RefCell,
@@ -113,7 +112,7 @@ pub fn from_peprocess(peprocess: PEPROCESS) -> Option<Arc<Process>> {
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<Process>>> = const { RefCell::new(None) };
-    static IMPERSONATION: RefCell<Vec<Token>> = const { RefCell::new(Vec::new()) };
+    static IMPERSONATION: RefCell<Option<Impersonation>> = const { RefCell::new(None) };
 }
 
 /// The current thread's process: the System process unless the thread runs in [`run_as`].
@@ -131,20 +130,52 @@ pub fn run_as<T>(process: &Arc<Process>, f: impl FnOnce() -> T) -> T {
     result
 }
 
-/// Runs `f` with the current thread impersonating `token`, then reverts to the previous security context.
-/// Impersonations nest.
+/// A thread's impersonation: the token it acts as and the level at which it may use it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Impersonation {
+    /// The client's token.
+    pub token: Token,
+    /// `SECURITY_IMPERSONATION_LEVEL`: below `SecurityImpersonation` the thread may identify the client but not
+    /// act as it, and access checks made with it fail with `STATUS_BAD_IMPERSONATION_LEVEL`.
+    pub level: i32,
+}
+
+/// Runs `f` with the current thread impersonating `token` at `SecurityImpersonation` level (as a server thread
+/// such as the SMB server's does for its client), then restores the thread's previous impersonation, if any. A
+/// thread impersonates one client at a time: impersonating replaces the previous impersonation, as on Windows.
 pub fn impersonate<T>(token: Token, f: impl FnOnce() -> T) -> T {
-    IMPERSONATION.with(|s| s.borrow_mut().push(token));
+    impersonate_at(token, IMPERSONATION_LEVEL, f)
+}
+
+/// [`impersonate`] at `level` (a `SECURITY_IMPERSONATION_LEVEL`), such as `SecurityIdentification`, at which the
+/// thread may identify its client but not act as it.
+pub fn impersonate_at<T>(token: Token, level: i32, f: impl FnOnce() -> T) -> T {
+    let previous = IMPERSONATION.with(|s| s.replace(Some(Impersonation { token, level })));
     let result = f();
-    IMPERSONATION.with(|s| s.borrow_mut().pop());
+    IMPERSONATION.with(|s| *s.borrow_mut() = previous);
     result
 }
 
-/// The token access checks use for the current thread: the innermost impersonation token, else the primary token
-/// of the current process.
+/// `SecurityImpersonation`.
+const IMPERSONATION_LEVEL: i32 = 2;
+
+/// The current thread's impersonation, if it impersonates a client.
+#[must_use]
+pub fn impersonation() -> Option<Impersonation> {
+    IMPERSONATION.with(|s| s.borrow().clone())
+}
+
+/// Sets (or with `None`, ends) the current thread's impersonation, as `SeImpersonateClientEx`,
+/// `PsImpersonateClient` and `PsRevertToSelf` do.
+pub(crate) fn set_impersonation(impersonation: Option<Impersonation>) {
+    IMPERSONATION.with(|s| *s.borrow_mut() = impersonation);
+}
+
+/// The token access checks use for the current thread: the impersonation token, else the primary token of the
+/// current process.
 #[must_use]
 pub fn effective_token() -> Token {
-    IMPERSONATION.with(|s| s.borrow().last().cloned()).unwrap_or_else(|| current().token.clone())
+    impersonation().map_or_else(|| current().token.clone(), |i| i.token)
 }
 
 /// `PsGetCurrentProcessId`: any IRQL; the id of the current thread's process.

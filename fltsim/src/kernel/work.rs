@@ -133,7 +133,8 @@ pub fn outstanding_elsewhere() -> usize {
 fn run(job: Job, item: &WorkItem) {
     let before = thread::snapshot();
     RUNNING.with(|r| r.set(r.get().saturating_add(1)));
-    guarded("system worker routine", (), job);
+    // A work item runs on a thread of the system's pool: it must leave that thread's impersonation as it found it.
+    super::security::keeping_impersonation("system worker routine", || guarded("system worker routine", (), job));
     RUNNING.with(|r| r.set(r.get().saturating_sub(1)));
     thread::check_balanced("system worker routine", &before);
     *lock(&item.done.0) = true;
