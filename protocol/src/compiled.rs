@@ -5,20 +5,23 @@
 //!
 //! All strings of all rules live in one UTF-16 arena. The literal prefixes of the sources form a trie, one root per
 //! volume, whose edges are kept in a single open-addressing hash table keyed by (parent node, upcased component).
-//! Each node heads three lists of rules, sorted best first: the rules whose source is exactly the node's path, the
-//! `node\**` rules, and the glob rules whose literal prefix ends at the node. `node\**\*.ext` rules hang below a
-//! second kind of node keyed by (parent node, upcased last extension). A large trie also has a small Bloom filter over
-//! the table's keys, so that the usual miss is answered without touching the table.
+//! Each node (16 bytes) heads one list of the rules whose literal prefix ends at the node, sorted best first: the
+//! rules whose source is exactly the node's path come first (exact sources outrank every pattern), then the
+//! `node\**` and glob rules in rank order; flags on the node say which kinds the list holds. `node\**\*.ext` rules
+//! hang below a second kind of node keyed by (parent node, upcased last extension). The table is at most two-thirds
+//! full. A large trie also has a small Bloom filter over the table's keys, so that the usual miss is answered
+//! without touching the table.
 //!
 //! Matching walks the path once, component by component, following the trie, and leaves at the first component
 //! no rule continues with (most names leave within a few components). Each component is read once, four units at a
 //! time: its end, its upcased hash and any `:` or `~` come out of the same pass; a slot entry carries high hash
 //! bits beside the node index, so a probe rarely reads a node that is not the one sought. At each node with rules
-//! below it the walk checks the subtree rules, looks the suffix table up with the path's last extension, and tries
-//! the glob rules; at the end it checks the exact rules. The stream suffix is split off only when a rule matches
-//! or the path holds a `:` the walk did not reach. Each step is a hash of one component and a bounded comparison,
-//! so the cost grows with the path's length and not with the number of rules — except for glob rules, which are
-//! tried one by one.
+//! below it the walk tries the subtree and glob rules of its list, and looks the suffix table up with the path's
+//! last extension; at the end it checks the exact rules at the head of the last node's list. A hit compares the
+//! node's text with the component four units at a time, read in place from the arena and the path. The stream
+//! suffix is split off only when a rule matches or the path holds a `:` the walk did not reach. Each step is a
+//! hash of one component and a bounded comparison, so the cost grows with the path's length and not with the
+//! number of rules — except for glob rules, which are tried one by one.
 
 use alloc::{collections::TryReserveError, vec::Vec};
 use core::fmt;
@@ -114,30 +117,37 @@ impl CompiledRule {
 const NODE_SUFFIX_KEY: u8 = 1;
 const NODE_HAS_SUFFIXES: u8 = 2;
 const NODE_HAS_CHILDREN: u8 = 4;
+/// The node's list holds a `node\**` rule.
+const NODE_HAS_SUBTREE: u8 = 8;
+/// The node's list holds a glob rule.
+const NODE_HAS_GLOB: u8 = 16;
+/// Rules that a path below the node may match: the walk tries them at the node.
+const NODE_RULES_BELOW: u8 = NODE_HAS_SUFFIXES | NODE_HAS_SUBTREE | NODE_HAS_GLOB;
 
 /// A trie node: a literal component below its parent, or (with `NODE_SUFFIX_KEY`) an extension.
+///
+/// One list holds every rule whose literal prefix ends at the node (for an extension node, its suffix rules),
+/// best first. Exact sources outrank every pattern, so the exact rules come first and the `node\**` and glob
+/// rules follow in rank order; the flags say which kinds are there, so the walk reads the list only when it
+/// holds rules that can match.
 #[derive(Clone, Copy, Debug)]
 struct Node {
     parent: u32,
     text_start: u32,
-    exact: u32,
-    subtree: u32,
-    glob: u32,
+    rules: u32,
     text_len: u16,
     flags: u8,
 }
 
+const _: () = assert!(size_of::<Node>() == 16, "four nodes to a cache line");
+
 impl Node {
     fn new(parent: u32, text: Span, flags: u8) -> Self {
-        Self { parent, text_start: text.start, exact: NIL, subtree: NIL, glob: NIL, text_len: text.len, flags }
-    }
-
-    fn text(&self) -> Span {
-        Span { start: self.text_start, len: self.text_len }
+        Self { parent, text_start: text.start, rules: NIL, text_len: text.len, flags }
     }
 
     fn has_rules_below(&self) -> bool {
-        self.subtree != NIL || self.glob != NIL || self.flags & NODE_HAS_SUFFIXES != 0
+        self.flags & NODE_RULES_BELOW != 0
     }
 }
 
@@ -362,22 +372,37 @@ fn hash_key(parent: u32, kind: u8, text: &[u16]) -> u32 {
     hash_finish(hash, text.len())
 }
 
-/// Whether a node's text equals a component, both upcased: [`eq_ignore_case`] four units at a time.
-#[inline]
-fn eq_upcased(a: &[u16], b: &[u16]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The four units of `buffer` from `at` packed into lanes, the lanes past its end zero. Reading whole groups
+/// from the buffer a text lies in (the arena, the caller's path) rather than from the text itself means that only
+/// a text at the very end of its buffer takes the padded path.
+#[expect(clippy::inline_always, reason = "measured: left to the compiler, the compare loop calls it")]
+#[inline(always)]
+fn load_group(buffer: &[u16], at: usize) -> u64 {
+    match buffer.get(at..at.wrapping_add(4)) {
+        Some(&[a, b, c, d]) => pack([a, b, c, d]),
+        _ => pack_padded(buffer.get(at..).unwrap_or_default(), 0),
     }
+}
+
+/// Whether `a[a_start..a_start + len]` equals `b[b_start..b_start + len]`, both upcased: [`eq_ignore_case`] four
+/// units at a time. The last, partial group is always compared, with the lanes past `len` masked off (all of them
+/// when there is none), so the only loop is over whole groups and both buffers may hold anything after the texts.
+#[inline]
+fn eq_upcased_in(a: &[u16], a_start: usize, b: &[u16], b_start: usize, len: usize) -> bool {
     // The differences are gathered without a branch per group: in mixed-case names whether two groups are
     // equal before upcasing is a coin toss that the branch predictor would lose.
-    let (mut a_chunks, mut b_chunks) = (a.chunks_exact(4), b.chunks_exact(4));
     let mut difference = 0u64;
-    for (x, y) in (&mut a_chunks).zip(&mut b_chunks) {
-        if let (&[a0, a1, a2, a3], &[b0, b1, b2, b3]) = (x, y) {
-            difference |= upcase_lanes(pack([a0, a1, a2, a3])) ^ upcase_lanes(pack([b0, b1, b2, b3]));
-        }
+    let whole = len & !3;
+    let mut done = 0usize;
+    while done < whole {
+        let x = load_group(a, a_start.wrapping_add(done));
+        let y = load_group(b, b_start.wrapping_add(done));
+        difference |= upcase_lanes(x) ^ upcase_lanes(y);
+        done = done.wrapping_add(4);
     }
-    let (x, y) = (pack_padded(a_chunks.remainder(), 0), pack_padded(b_chunks.remainder(), 0));
+    let mask = 1u64.wrapping_shl(to_u32(len & 3).wrapping_mul(16)).wrapping_sub(1);
+    let x = load_group(a, a_start.wrapping_add(whole)) & mask;
+    let y = load_group(b, b_start.wrapping_add(whole)) & mask;
     difference | (upcase_lanes(x) ^ upcase_lanes(y)) == 0
 }
 
@@ -489,7 +514,12 @@ fn check_path(
             return Err(fail(Problem::EmptyComponent));
         }
         check_component(component, wildcards).map_err(|fault| fail(fault_problem(fault)))?;
-        if wildcards && component != GLOBSTAR && component.windows(2).any(|pair| pair == GLOBSTAR) {
+        // A `**` inside a component needs a `*`, which `has_special_units` reports.
+        if wildcards
+            && component != GLOBSTAR
+            && name::has_special_units(component)
+            && component.windows(2).any(|pair| pair == GLOBSTAR)
+        {
             return Err(fail(Problem::MisplacedGlobstar));
         }
     }
@@ -666,17 +696,21 @@ impl CompiledPolicy {
     /// Orders the rules by specificity: exact sources first, then longer literal prefixes, then fewer wildcards,
     /// then file order. Rank 0 is the most specific.
     fn rank(&mut self) -> Result<(), PolicyError> {
-        let mut order: Vec<u32> = Vec::new();
-        order.try_reserve_exact(self.rules.len()).map_err(oom)?;
-        order.extend((0..self.rules.len()).map(to_u32));
-        let key = |i: u32| {
-            self.rules.get(i as usize).map_or((true, 0, 0, i), |r| {
-                (r.class != PatternClass::Exact, u16::MAX.saturating_sub(r.prefix_components), r.rank, i)
-            })
-        };
-        order.sort_unstable_by_key(|&i| key(i));
-        for (rank, &i) in order.iter().enumerate() {
-            if let Some(rule) = self.rules.get_mut(i as usize) {
+        // The key packed into one integer, so that the sort compares integers and never reads a rule: a pattern
+        // bit, the complement of the prefix's component count, the wildcard count (`rank` still holds it) and
+        // the index. Each field fits: components and wildcards are bounded by `MAX_PATH_UNITS` (15 bits), the
+        // index by `MAX_RULES` (17 bits).
+        let mut keys: Vec<u64> = Vec::new();
+        keys.try_reserve_exact(self.rules.len()).map_err(oom)?;
+        keys.extend(self.rules.iter().enumerate().map(|(i, r)| {
+            let pattern = u64::from(r.class != PatternClass::Exact);
+            let shorter = u64::from(u16::MAX.saturating_sub(r.prefix_components));
+            let wildcards = u64::from(r.rank.min(u32::from(u16::MAX)));
+            pattern << 63 | shorter << 47 | wildcards << 31 | (i as u64 & 0x7FFF_FFFF)
+        }));
+        keys.sort_unstable();
+        for (rank, &key) in keys.iter().enumerate() {
+            if let Some(rule) = self.rules.get_mut((key & 0x7FFF_FFFF) as usize) {
                 rule.rank = to_u32(rank);
             }
         }
@@ -713,7 +747,8 @@ impl CompiledPolicy {
         }
         drop(order);
         // Rules share prefixes, so the tables were sized for more nodes than there are: keep exact copies, and
-        // a slot table at most half full whose entries carry hash bits.
+        // a slot table at most two-thirds full whose entries carry hash bits (a probe passes over another key's
+        // entry without reading its node, so the longer runs of a fuller table cost little).
         if self.nodes.len() < self.nodes.capacity() {
             let mut nodes = Vec::new();
             nodes.try_reserve_exact(self.nodes.len()).map_err(oom)?;
@@ -722,7 +757,8 @@ impl CompiledPolicy {
         }
         let index_bits = u32::BITS.saturating_sub(to_u32(self.nodes.len()).leading_zeros());
         self.index_mask = 1u32.checked_shl(index_bits).map_or(u32::MAX, |bit| bit.wrapping_sub(1));
-        self.grow_slots(self.nodes.len().saturating_mul(2).max(8), &hashes)?;
+        let nodes = self.nodes.len();
+        self.grow_slots(nodes.saturating_add(nodes.wrapping_shr(1)).max(8), &hashes)?;
         self.build_filter(&hashes)
     }
 
@@ -770,9 +806,11 @@ impl CompiledPolicy {
             node = self.child_or_insert(node, 0, span, hashes)?;
         }
         let list = match rule.class {
-            PatternClass::Exact => self.nodes.get_mut(node as usize).map(|n| &mut n.exact),
-            PatternClass::Subtree => self.nodes.get_mut(node as usize).map(|n| &mut n.subtree),
-            PatternClass::Glob => self.nodes.get_mut(node as usize).map(|n| &mut n.glob),
+            PatternClass::Exact => self.nodes.get_mut(node as usize).map(|n| &mut n.rules),
+            PatternClass::Subtree | PatternClass::Glob => self.nodes.get_mut(node as usize).map(|n| {
+                n.flags |= if rule.class == PatternClass::Glob { NODE_HAS_GLOB } else { NODE_HAS_SUBTREE };
+                &mut n.rules
+            }),
             PatternClass::SubtreeSuffix => {
                 let suffix_start = source_start.saturating_add(usize::from(rule.suffix));
                 let suffix_end = source_start.saturating_add(usize::from(rule.source_len));
@@ -785,7 +823,7 @@ impl CompiledPolicy {
                     parent.flags |= NODE_HAS_SUFFIXES;
                 }
                 let key = self.child_or_insert(node, NODE_SUFFIX_KEY, span, hashes)?;
-                self.nodes.get_mut(key as usize).map(|n| &mut n.exact)
+                self.nodes.get_mut(key as usize).map(|n| &mut n.rules)
             }
         };
         if let Some(head) = list {
@@ -807,7 +845,7 @@ impl CompiledPolicy {
     ) -> Result<u32, PolicyError> {
         let text_units = self.text(text);
         let hash = hash_key(parent, kind, text_units);
-        if let Some(found) = self.lookup(parent, kind, hash, text_units) {
+        if let Some(found) = self.lookup(parent, kind, hash, text_units, 0, text_units.len()) {
             return Ok(found);
         }
         if self.nodes.len().saturating_add(1).saturating_mul(2) > self.slots.len() {
@@ -861,10 +899,11 @@ impl CompiledPolicy {
     }
 
     /// Finds the child of `parent` named `text` (upcased comparison). Probes at most the whole table, which is at
-    /// most half full, so it ends; on a policy's own keys the chains are short. An entry whose hash bits differ
-    /// is skipped without reading its node.
-    #[inline]
-    fn lookup(&self, parent: u32, kind: u8, hash: u32, text: &[u16]) -> Option<u32> {
+    /// most two-thirds full, so it ends; on a policy's own keys the chains are short. An entry whose hash bits
+    /// differ is skipped without reading its node.
+    #[expect(clippy::inline_always, reason = "measured: a call per component costs the walk more than the copy")]
+    #[inline(always)]
+    fn lookup(&self, parent: u32, kind: u8, hash: u32, text: &[u16], start: usize, len: usize) -> Option<u32> {
         if !self.filter.is_empty() {
             let (word, bits) = filter_position(hash, self.filter_bits);
             if self.filter.get(word).is_none_or(|&w| w & bits != bits) {
@@ -883,7 +922,8 @@ impl CompiledPolicy {
                 let node = self.nodes.get(index as usize)?;
                 if node.parent == parent
                     && node.flags & NODE_SUFFIX_KEY == kind
-                    && eq_upcased(self.text(node.text()), text)
+                    && usize::from(node.text_len) == len
+                    && eq_upcased_in(&self.arena, node.text_start as usize, text, start, len)
                 {
                     return Some(index);
                 }
@@ -893,7 +933,7 @@ impl CompiledPolicy {
     }
 
     fn child(&self, parent: u32, kind: u8, text: &[u16]) -> Option<u32> {
-        self.lookup(parent, kind, hash_key(parent, kind, text), text)
+        self.lookup(parent, kind, hash_key(parent, kind, text), text, 0, text.len())
     }
 
     fn volume_root(&self, volume: &Volume) -> Option<u32> {
@@ -908,10 +948,7 @@ impl CompiledPolicy {
     fn source_root(&self, volume: &Volume) -> Option<u32> {
         let root = self.volume_root(volume)?;
         let node = self.nodes.get(root as usize)?;
-        let used = node.flags & (NODE_HAS_CHILDREN | NODE_HAS_SUFFIXES) != 0
-            || node.exact != NIL
-            || node.subtree != NIL
-            || node.glob != NIL;
+        let used = node.flags & (NODE_HAS_CHILDREN | NODE_HAS_SUFFIXES) != 0 || node.rules != NIL;
         used.then_some(root)
     }
 
@@ -938,8 +975,8 @@ impl CompiledPolicy {
         let extension = final_component.iter().rposition(|&u| u == DOT).and_then(|d| final_component.get(d..));
         for (start, component) in Components::new(path) {
             let current = self.nodes.get(node as usize)?;
-            if current.subtree != NIL {
-                return Some(current.subtree);
+            if let Some(rule) = self.first_of(current, PatternClass::Subtree) {
+                return Some(rule);
             }
             let below = path.get(start..).unwrap_or_default();
             if current.flags & NODE_HAS_SUFFIXES != 0 {
@@ -950,7 +987,7 @@ impl CompiledPolicy {
                 } else if let Some(extension) = extension
                     && let Some(key) = self.child(node, NODE_SUFFIX_KEY, extension)
                 {
-                    let mut rule = self.nodes.get(key as usize)?.exact;
+                    let mut rule = self.nodes.get(key as usize)?.rules;
                     while let Some(r) = self.rules.get(rule as usize) {
                         if self.suffix_matches(r, final_component, false) {
                             return Some(rule);
@@ -959,8 +996,12 @@ impl CompiledPolicy {
                     }
                 }
             }
-            let mut rule = current.glob;
+            let mut rule = current.rules;
             while let Some(r) = self.rules.get(rule as usize) {
+                if r.class != PatternClass::Glob {
+                    rule = r.next;
+                    continue;
+                }
                 let pattern = self.source_rest(r);
                 let hit = if directory {
                     pattern::could_match_at_or_below(pattern, below)
@@ -978,16 +1019,16 @@ impl CompiledPolicy {
             }
         }
         let last = self.nodes.get(node as usize)?;
-        if last.exact != NIL {
-            return Some(last.exact);
+        if let Some(rule) = self.first_of(last, PatternClass::Exact) {
+            return Some(rule);
         }
         if directory {
             // Any source below the target directory: every trie node below exists because some rule needs it.
-            if last.subtree != NIL {
-                return Some(last.subtree);
+            if let Some(rule) = self.first_of(last, PatternClass::Subtree) {
+                return Some(rule);
             }
-            if last.glob != NIL {
-                return Some(last.glob);
+            if let Some(rule) = self.first_of(last, PatternClass::Glob) {
+                return Some(rule);
             }
             if last.flags & (NODE_HAS_CHILDREN | NODE_HAS_SUFFIXES) != 0 {
                 return self.any_rule_below(node);
@@ -999,7 +1040,19 @@ impl CompiledPolicy {
     fn first_suffix_rule_below(&self, parent: u32) -> Option<u32> {
         // Suffix-key nodes are few; find one whose parent is `parent` by scanning the nodes. This runs only
         // during validation and only for targets that pass through a directory with suffix rules.
-        self.nodes.iter().find(|n| n.parent == parent && n.flags & NODE_SUFFIX_KEY != 0).map(|n| n.exact)
+        self.nodes.iter().find(|n| n.parent == parent && n.flags & NODE_SUFFIX_KEY != 0).map(|n| n.rules)
+    }
+
+    /// The best rule of `class` in a node's list (validation only).
+    fn first_of(&self, node: &Node, class: PatternClass) -> Option<u32> {
+        let mut rule = node.rules;
+        while let Some(r) = self.rules.get(rule as usize) {
+            if r.class == class {
+                return Some(rule);
+            }
+            rule = r.next;
+        }
+        None
     }
 
     fn any_rule_below(&self, ancestor: u32) -> Option<u32> {
@@ -1077,6 +1130,21 @@ impl CompiledPolicy {
         None
     }
 
+    /// [`Self::best_in_list`] for a node's exact rules, which lead its list: it stops at the first pattern.
+    fn best_exact(&self, mut rule: u32, beat: u32, filter: Filter<'_>, name: &[u16]) -> Option<(u32, u32)> {
+        while let Some(r) = self.rules.get(rule as usize) {
+            if r.rank >= beat || r.class != PatternClass::Exact {
+                return None;
+            }
+            if self.process_matches(r, filter.process) && (!filter.case_sensitive || self.literal_prefix_exact(r, name))
+            {
+                return Some((rule, r.rank));
+            }
+            rule = r.next;
+        }
+        None
+    }
+
     /// Splits the stream suffix off the last component. Faults in other components are found by [`Self::walk`].
     pub(crate) fn parse(path: &[u16]) -> Result<Parsed<'_>, NameError> {
         let end = path.iter().rposition(|&u| u != SEPARATOR).map_or(0, |p| p.saturating_add(1));
@@ -1124,11 +1192,15 @@ impl CompiledPolicy {
             let scanned = scan_component::<TILDE>(path, start, hash_seed(node, 0));
             let mut end = scanned.end;
             let mut hash = scanned.hash;
-            let after = path.get(end..).unwrap_or_default();
-            let next_start = after.iter().position(|&u| u != SEPARATOR).map(|skip| end.saturating_add(skip));
+            // Where the next component starts, if there is one: only looked for once the walk goes on, or where
+            // the component names a stream, which only the last one may.
+            let next_start = || {
+                let after = path.get(scanned.end..).unwrap_or_default();
+                after.iter().position(|&u| u != SEPARATOR).map(|skip| scanned.end.saturating_add(skip))
+            };
             if scanned.colon {
                 let colon = path.get(start..end).and_then(|c| c.iter().position(|&u| u == COLON));
-                let Some(colon) = colon.filter(|_| next_start.is_none()) else {
+                let Some(colon) = colon.filter(|_| next_start().is_none()) else {
                     return Err(Self::parse(path).err().unwrap_or(NameError::StreamOnDirectory));
                 };
                 if colon == 0 {
@@ -1143,7 +1215,7 @@ impl CompiledPolicy {
                 tilde |= scanned.tilde;
             }
             let component = path.get(start..end).unwrap_or_default();
-            if name::is_dot_component(component) {
+            if component.len() <= 2 && name::is_dot_component(component) {
                 return Err(Self::parse(path).err().unwrap_or(NameError::DotComponent));
             }
             if current.has_rules_below() {
@@ -1153,7 +1225,7 @@ impl CompiledPolicy {
                 };
                 self.try_below(node, current, below, filter, start, &mut best);
             }
-            let Some(child) = self.lookup(node, 0, hash, component) else {
+            let Some(child) = self.lookup(node, 0, hash, path, start, end.saturating_sub(start)) else {
                 // No rule's literal prefix continues here, so no later component can make the name match: a
                 // stream on a later directory does not change which file it is, and a later `..` that led back
                 // would have to be resolved, which NTFS and ReFS never do (they fail the create). Only a stream
@@ -1176,13 +1248,13 @@ impl CompiledPolicy {
                 return Ok(Walk { found: best, tilde: tilde || (TILDE && rest_tilde) });
             };
             node = child;
-            let Some(next) = next_start else {
+            let Some(next) = next_start() else {
                 // The name's last component: the node's exact rules.
-                let exact = self.nodes.get(node as usize).map_or(NIL, |n| n.exact);
+                let list = self.nodes.get(node as usize).map_or(NIL, |n| n.rules);
                 let to_beat = best.as_ref().map_or(u32::MAX, |b| b.rank);
-                if exact != NIL {
+                if list != NIL {
                     let name = path.get(..end).unwrap_or_default();
-                    if let Some((rule, rank)) = self.best_in_list(exact, to_beat, filter, name, |_| true) {
+                    if let Some((rule, rank)) = self.best_exact(list, to_beat, filter, name) {
                         best = Some(Found { rule, rank, remainder_start: end });
                     }
                 }
@@ -1209,8 +1281,15 @@ impl CompiledPolicy {
                 *best = Some(Found { rule, rank, remainder_start: start });
             }
         };
-        if current.subtree != NIL {
-            consider(current.subtree, &|_| true);
+        if current.flags & (NODE_HAS_SUBTREE | NODE_HAS_GLOB) != 0 {
+            // Past the exact rules at the list's head, the `node\**` and glob rules in rank order.
+            let below = name.get(start..).unwrap_or_default();
+            let case_sensitive = filter.case_sensitive;
+            consider(current.rules, &|r| match r.class {
+                PatternClass::Subtree => true,
+                PatternClass::Glob => pattern::components_match(self.source_rest(r), below, case_sensitive),
+                PatternClass::Exact | PatternClass::SubtreeSuffix => false,
+            });
         }
         if current.flags & NODE_HAS_SUFFIXES != 0
             && let Some(extension) = parsed.extension
@@ -1218,11 +1297,7 @@ impl CompiledPolicy {
             && let Some(key_node) = self.nodes.get(key as usize)
         {
             let final_component = parsed.final_component;
-            consider(key_node.exact, &|r| self.suffix_matches(r, final_component, filter.case_sensitive));
-        }
-        if current.glob != NIL {
-            let below = name.get(start..).unwrap_or_default();
-            consider(current.glob, &|r| pattern::components_match(self.source_rest(r), below, filter.case_sensitive));
+            consider(key_node.rules, &|r| self.suffix_matches(r, final_component, filter.case_sensitive));
         }
     }
 

@@ -185,10 +185,34 @@ pub(crate) enum ComponentFault {
     Stream,
 }
 
+/// The units below 0x40 that a component may not hold or that need a closer look: controls, `"`, `*`, `/`, `:`,
+/// `<`, `>` and `?` (bit `u` stands for unit `u`). The other one, `|`, is tested apart.
+const SPECIAL_BELOW_40: u64 =
+    0xFFFF_FFFF | 1 << 0x22 | 1 << 0x2A | 1 << 0x2F | 1 << 0x3A | 1 << 0x3C | 1 << 0x3E | 1 << 0x3F;
+
+/// Whether `text` holds a unit that [`check_component`] rejects or that is a wildcard: one branch-free pass, so
+/// that the usual component (letters, digits, spaces, dots) needs no other.
+pub(crate) fn has_special_units(text: &[u16]) -> bool {
+    let special = text.iter().fold(0u64, |special, &unit| {
+        // Bit `unit` of the table when `unit` is below 0x40 (a shift by 0x40 or more is taken modulo 64, so it is
+        // masked with the comparison rather than left to a branch).
+        let below_40 = SPECIAL_BELOW_40.wrapping_shr(u32::from(unit)) & u64::from(unit < 0x40);
+        special | below_40 | u64::from(unit == 0x7C)
+    });
+    special != 0
+}
+
 /// Checks one component of a rule's path against what NTFS accepts in a name, allowing `*` and `?` if `wildcards`.
 pub(crate) fn check_component(component: &[u16], wildcards: bool) -> Result<(), ComponentFault> {
     if is_dot_component(component) {
         return Err(ComponentFault::Dots);
+    }
+    if !has_special_units(component) {
+        // Only the last unit is left to check.
+        return match component.last() {
+            Some(&DOT | &SPACE) => Err(ComponentFault::TrailingDotOrSpace),
+            _ => Ok(()),
+        };
     }
     if let Some(&unit) = component.iter().find(|&&u| u < 0x20 || matches!(u, 0x22 | 0x2F | 0x3C | 0x3E | 0x7C)) {
         return Err(ComponentFault::Invalid(unit));
@@ -208,7 +232,9 @@ pub(crate) fn check_component(component: &[u16], wildcards: bool) -> Result<(), 
 /// Whether `text` is well-formed UTF-16 (every surrogate paired).
 #[must_use]
 pub fn is_valid_utf16(text: &[u16]) -> bool {
-    char::decode_utf16(text.iter().copied()).all(|c| c.is_ok())
+    // Surrogates are rare in names: one branch-free pass rules them out.
+    let surrogates = text.iter().fold(0u16, |any, &unit| any | u16::from(unit & 0xF800 == 0xD800));
+    surrogates == 0 || char::decode_utf16(text.iter().copied()).all(|c| c.is_ok())
 }
 
 #[cfg(test)]

@@ -52,12 +52,10 @@ pub(crate) fn shape(path: &[u16]) -> Shape {
     let mut wildcards = 0usize;
     let mut literal_prefix_done = false;
     for (start, component) in Components::new(path) {
-        if component == GLOBSTAR {
-            wildcards = wildcards.saturating_add(1);
-        } else {
-            wildcards = wildcards.saturating_add(component.iter().filter(|&&u| u == STAR || u == QUESTION).count());
-        }
-        if !literal_prefix_done && (component == GLOBSTAR || is_wild(component)) {
+        let wild = component.iter().filter(|&&u| u == STAR || u == QUESTION).count();
+        wildcards = wildcards.saturating_add(if component == GLOBSTAR { 1 } else { wild });
+        // `**` counts as one wildcard but holds two.
+        if !literal_prefix_done && wild > 0 {
             literal_prefix_done = true;
             rest = start;
         }
