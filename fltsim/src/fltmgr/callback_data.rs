@@ -46,9 +46,7 @@ use windows_sys::{
 
 use super::{
     dispatch::{Origin, Request, dispatch, servicing_paging_io},
-    fileio,
-    instance::instances,
-    userbuf,
+    fileio, userbuf,
 };
 use crate::{
     guard::guarded,
@@ -88,7 +86,7 @@ fn allocated() -> MutexGuard<'static, BTreeMap<usize, Allocated>> {
 }
 
 fn attached(instance: PFLT_INSTANCE) -> Option<(PFLT_FILTER, isize)> {
-    instances().into_iter().find(|i| i.handle == instance && i.attached).map(|i| (i.filter, i.volume))
+    super::instance::usable(instance).map(|i| (i.filter, i.volume))
 }
 
 /// `FltAllocateCallbackData`: ≤ APC_LEVEL; an attached instance; an open file object. The data is freed with

@@ -338,7 +338,11 @@ fn dispatch_stack(volume: PFLT_VOLUME, request: &mut Request, file_system: impl 
         // Only the instances under the given one see the operation.
         match stack.iter().position(|i| i.handle == below) {
             Some(at) => drop(stack.drain(..=at)),
-            None => stack.clear(),
+            // An instance still in its InstanceSetup callback is not in the stack yet: those below its altitude.
+            None => match super::instance::usable(below) {
+                Some(origin) => stack.retain(|i| super::instance::is_below(&i.altitude, &origin.altitude)),
+                None => stack.clear(),
+            },
         }
     }
     let filters: Vec<FilterRecord> = filters();

@@ -42,7 +42,6 @@ use windows_sys::{
 
 use super::{
     dispatch::{Origin, Request, random_post_irql},
-    instance::instances,
     registration::filters,
 };
 use crate::{
@@ -144,7 +143,7 @@ pub(crate) fn resolve_object_name(name: &str) -> Result<(Volume, String), NTSTAT
 }
 
 fn instance_filter(instance: PFLT_INSTANCE) -> Option<(PFLT_FILTER, isize)> {
-    instances().into_iter().find(|i| i.handle == instance && i.attached).map(|i| (i.filter, i.volume))
+    super::instance::usable(instance).map(|i| (i.filter, i.volume))
 }
 
 fn invalid(api: &'static str, why: String) -> NTSTATUS {

@@ -42,6 +42,9 @@ pub struct InstanceRecord {
     pub setup_status: NTSTATUS,
     /// Whether it is attached now.
     pub attached: bool,
+    /// Whether its InstanceSetup callback is running: the instance exists and may issue I/O below itself, but
+    /// is not attached yet (see [`usable`]).
+    pub setting_up: bool,
     /// The teardown reason (`FLTFL_INSTANCE_TEARDOWN_*`) once torn down.
     pub teardown_reason: Option<u32>,
 }
@@ -65,6 +68,24 @@ pub fn attached_on(volume: PFLT_VOLUME) -> Vec<InstanceRecord> {
     let mut on: Vec<InstanceRecord> = records().iter().filter(|i| i.volume == volume && i.attached).cloned().collect();
     on.sort_by_key(|i| std::cmp::Reverse(altitude_key(&i.altitude)));
     on
+}
+
+/// An instance a filter may issue I/O through: an attached one, or one whose InstanceSetup callback is running.
+///
+/// Filter Manager creates the instance before it calls InstanceSetup and hands it to the callback in
+/// `FltObjects`; the callback may set the instance's context there (the context routines' docs), and I/O it
+/// issues below the instance reaches the instances of lower altitude and the file system, as Microsoft's
+/// `MetadataManager` minifilter sample relies on when it opens its metadata file from `InstanceSetup`
+/// (<https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_instance_setup_callback>).
+/// The instance's own callbacks see nothing until it is attached.
+#[must_use]
+pub fn usable(instance: PFLT_INSTANCE) -> Option<InstanceRecord> {
+    records().iter().find(|i| i.handle == instance && (i.attached || i.setting_up)).cloned()
+}
+
+/// Whether an instance of altitude `a` sits below one of altitude `b`.
+pub(crate) fn is_below(a: &str, b: &str) -> bool {
+    altitude_key(a) < altitude_key(b)
 }
 
 /// Altitudes are decimal strings with an optional fraction; compare them as numbers.
@@ -102,9 +123,21 @@ fn attach(filter: &FilterRecord, volume: &Volume, flags: u32) {
         return;
     }
     let handle = {
-        let all = records();
+        let mut all = records();
         let base: usize = 0x0000_7ff3_3000_0000;
-        base.wrapping_add((all.len() + 1).wrapping_mul(0x1000)).cast_signed()
+        let handle = base.wrapping_add((all.len() + 1).wrapping_mul(0x1000)).cast_signed();
+        all.push(InstanceRecord {
+            handle,
+            filter: filter.handle,
+            volume: volume.handle,
+            name: definition.name.clone(),
+            altitude: definition.altitude.clone(),
+            setup_status: 0,
+            attached: false,
+            setting_up: true,
+            teardown_reason: None,
+        });
+        handle
     };
     let status = match filter.callbacks.instance_setup {
         // Without an InstanceSetup callback, Filter Manager always attaches.
@@ -116,16 +149,11 @@ fn attach(filter: &FilterRecord, volume: &Volume, flags: u32) {
             unsafe { setup(&raw const objects, flags, volume.spec.device_type, volume.spec.file_system) }
         }
     };
-    records().push(InstanceRecord {
-        handle,
-        filter: filter.handle,
-        volume: volume.handle,
-        name: definition.name.clone(),
-        altitude: definition.altitude.clone(),
-        setup_status: status,
-        attached: status >= 0,
-        teardown_reason: None,
-    });
+    if let Some(record) = records().iter_mut().find(|i| i.handle == handle) {
+        record.setup_status = status;
+        record.attached = status >= 0;
+        record.setting_up = false;
+    }
     super::context::instance_setup_done(handle, status >= 0);
 }
 

@@ -530,7 +530,7 @@ pub extern "system" fn FltQueueGenericWorkItem(
             .or_else(|| {
                 instances()
                     .into_iter()
-                    .find(|i| i.handle == object && (i.attached || running_down(i.filter)))
+                    .find(|i| i.handle == object && (i.attached || i.setting_up || running_down(i.filter)))
                     .map(|i| i.filter)
             });
         let Some(filter) = filter else {
