@@ -14,14 +14,18 @@
 //!
 //! Matching walks the path once, component by component, following the trie, and leaves at the first component
 //! no rule continues with (most names leave within a few components). Each component is read once, four units at a
-//! time: its end, its upcased hash and any `:` or `~` come out of the same pass; a slot entry carries high hash
-//! bits beside the node index, so a probe rarely reads a node that is not the one sought. At each node with rules
-//! below it the walk tries the subtree and glob rules of its list, and looks the suffix table up with the path's
-//! last extension; at the end it checks the exact rules at the head of the last node's list. A hit compares the
-//! node's text with the component four units at a time, read in place from the arena and the path. The stream
-//! suffix is split off only when a rule matches or the path holds a `:` the walk did not reach. Each step is a
-//! hash of one component and a bounded comparison, so the cost grows with the path's length and not with the
-//! number of rules — except for glob rules, which are tried one by one.
+//! time: its end, its upcased hash and any `:` or `~` come out of the same pass. A slot entry holds the key's whole
+//! 32-bit hash (which covers the parent node, the key kind, the length and the upcased text) beside the node index,
+//! and keys that share a hash are flagged when the table is built. The first walk trusts an unflagged entry whose
+//! hash is the component's without reading the node or its text, so a step costs a hash and one slot read; a name
+//! no key has can rarely be taken for one, which only ever adds candidates, so that walk's "no rule" stands and the
+//! few names it finds a rule for (or rejects) are walked again comparing each component with the node's text, four
+//! units at a time, read in place from the arena and the path. At each node with rules below it the walk tries the
+//! subtree and glob rules of its list, and looks the suffix table up with the path's last extension; at the end it
+//! checks the exact rules at the head of the last node's list. The stream suffix is split off only when a rule
+//! matches or the path holds a `:` the walk did not reach. Each step is a hash of one component and a bounded
+//! comparison, so the cost grows with the path's length and not with the number of rules — except for glob rules,
+//! which are tried one by one.
 
 use alloc::{collections::TryReserveError, vec::Vec};
 use core::fmt;
@@ -196,13 +200,11 @@ pub struct CompiledPolicy {
     rules: Vec<CompiledRule>,
     volumes: Vec<Volume>,
     nodes: Vec<Node>,
-    /// Open addressing over `nodes` (`NIL` for an empty slot); its length is a power of two. An entry holds the
-    /// node's index in its low bits (`index_mask`) and the high bits of the node's hash above them, so a probe
-    /// rejects most other keys without reading their node.
-    slots: Vec<u32>,
-    /// The bits of a slot entry that hold the node index: all of them while the trie is built, the fewest that
-    /// can hold every index once it is done (so that no entry equals `NIL`).
-    index_mask: u32,
+    /// Open addressing over `nodes` ([`EMPTY_SLOT`] for an empty slot); its length is a power of two. An entry holds
+    /// the node's 32-bit hash in its high half and the node's index in its low 31 bits, with [`SLOT_VERIFY`] set
+    /// when another key has the same hash. The walk trusts an unflagged entry whose hash is the component's
+    /// without reading the node (see [`CompiledPolicy::lookup`]).
+    slots: Vec<u64>,
     /// A blocked Bloom filter over the keys of `slots` (two bits of one word per key), empty for small policies.
     /// Most lookups of a large policy are misses at the first component no rule continues with; the filter answers
     /// them from a table of a few bits per node that stays in cache, where the slot table would not.
@@ -210,6 +212,13 @@ pub struct CompiledPolicy {
     /// The number of hash bits that select a filter word (`filter.len()` is `1 << filter_bits`).
     filter_bits: u32,
 }
+
+/// An empty slot of [`CompiledPolicy::slots`].
+const EMPTY_SLOT: u64 = u64::MAX;
+/// The bits of a slot entry that hold the node index.
+const SLOT_INDEX: u64 = 0x7FFF_FFFF;
+/// Set on the entries of keys that share their hash with another key: a lookup that meets one compares texts.
+const SLOT_VERIFY: u64 = 0x8000_0000;
 
 /// Policies with at least this many trie nodes get a [`CompiledPolicy::filter`]: below it the slot table is small
 /// enough to stay in cache and the filter would only add work.
@@ -731,7 +740,6 @@ impl CompiledPolicy {
             self.nodes.push(Node::new(NIL, Span::default(), 0));
             hashes.push(0);
         }
-        self.index_mask = u32::MAX;
         self.grow_slots(most.saturating_mul(2).max(8), &hashes)?;
         // Insert in reverse rank order and prepend, so every list ends up best first.
         let mut order: Vec<u32> = Vec::new();
@@ -755,8 +763,6 @@ impl CompiledPolicy {
             nodes.extend_from_slice(&self.nodes);
             self.nodes = nodes;
         }
-        let index_bits = u32::BITS.saturating_sub(to_u32(self.nodes.len()).leading_zeros());
-        self.index_mask = 1u32.checked_shl(index_bits).map_or(u32::MAX, |bit| bit.wrapping_sub(1));
         let nodes = self.nodes.len();
         self.grow_slots(nodes.saturating_add(nodes.wrapping_shr(1)).max(8), &hashes)?;
         self.build_filter(&hashes)
@@ -845,7 +851,7 @@ impl CompiledPolicy {
     ) -> Result<u32, PolicyError> {
         let text_units = self.text(text);
         let hash = hash_key(parent, kind, text_units);
-        if let Some(found) = self.lookup(parent, kind, hash, text_units, 0, text_units.len()) {
+        if let Some(found) = self.lookup::<true>(parent, kind, hash, text_units, 0, text_units.len()) {
             return Ok(found);
         }
         if self.nodes.len().saturating_add(1).saturating_mul(2) > self.slots.len() {
@@ -854,7 +860,7 @@ impl CompiledPolicy {
         self.nodes.try_reserve(1).map_err(oom)?;
         hashes.try_reserve(1).map_err(oom)?;
         let index = to_u32(self.nodes.len());
-        if index == NIL {
+        if u64::from(index) > SLOT_INDEX {
             return Err(PolicyError::whole(Problem::OutOfMemory));
         }
         self.nodes.push(Node::new(parent, text, kind));
@@ -871,9 +877,9 @@ impl CompiledPolicy {
     /// Replaces the slot table with one of `wanted` slots (rounded up to a power of two) holding every node.
     fn grow_slots(&mut self, wanted: usize, hashes: &[u32]) -> Result<(), PolicyError> {
         let capacity = wanted.checked_next_power_of_two().ok_or(PolicyError::whole(Problem::OutOfMemory))?;
-        let mut slots: Vec<u32> = Vec::new();
+        let mut slots: Vec<u64> = Vec::new();
         slots.try_reserve_exact(capacity).map_err(oom)?;
-        slots.resize(capacity, NIL);
+        slots.resize(capacity, EMPTY_SLOT);
         self.slots = slots;
         for (index, &hash) in hashes.iter().enumerate() {
             if self.nodes.get(index).is_some_and(|node| node.parent != NIL) {
@@ -883,27 +889,46 @@ impl CompiledPolicy {
         Ok(())
     }
 
+    /// Puts node `index` with `hash` in its slot. Keys of equal hash share a home slot, so the probe passes every
+    /// earlier one: both get [`SLOT_VERIFY`].
     fn place(&mut self, index: u32, hash: u32) {
         let mask = self.slots.len().saturating_sub(1);
-        let entry = index | (hash & !self.index_mask);
+        let mut entry = u64::from(hash).wrapping_shl(32) | u64::from(index);
         let mut slot = hash as usize & mask;
         for _ in 0..self.slots.len() {
-            if let Some(free) = self.slots.get_mut(slot)
-                && *free == NIL
-            {
-                *free = entry;
+            let Some(occupant) = self.slots.get_mut(slot) else { return };
+            if *occupant == EMPTY_SLOT {
+                *occupant = entry;
                 return;
+            }
+            if occupant.wrapping_shr(32) == u64::from(hash) {
+                *occupant |= SLOT_VERIFY;
+                entry |= SLOT_VERIFY;
             }
             slot = slot.wrapping_add(1) & mask;
         }
     }
 
-    /// Finds the child of `parent` named `text` (upcased comparison). Probes at most the whole table, which is at
-    /// most two-thirds full, so it ends; on a policy's own keys the chains are short. An entry whose hash bits
-    /// differ is skipped without reading its node.
+    /// Finds the child of `parent` named `text[start..start + len]` (upcased comparison). Probes at most the whole
+    /// table, which is at most two-thirds full, so it ends; on a policy's own keys the chains are short. An entry
+    /// whose hash differs is skipped without reading its node.
+    ///
+    /// With `VERIFY` false, an entry with the key's 32-bit hash (which covers the parent, the kind, the length and
+    /// the upcased text) is taken without reading its node unless it is flagged [`SLOT_VERIFY`]: the trie's own keys
+    /// never share an unflagged hash, so an existing child is always found, but a name no key has may, rarely, be
+    /// taken for one. A walk made that way is a superset of the exact walk; [`match_path`](Self::match_path) and
+    /// [`could_match`](Self::could_match) redo with `VERIFY` the rare walks whose answer is not "no".
     #[expect(clippy::inline_always, reason = "measured: a call per component costs the walk more than the copy")]
     #[inline(always)]
-    fn lookup(&self, parent: u32, kind: u8, hash: u32, text: &[u16], start: usize, len: usize) -> Option<u32> {
+    fn lookup<const VERIFY: bool>(
+        &self,
+        parent: u32,
+        kind: u8,
+        hash: u32,
+        text: &[u16],
+        start: usize,
+        len: usize,
+    ) -> Option<u32> {
         if !self.filter.is_empty() {
             let (word, bits) = filter_position(hash, self.filter_bits);
             if self.filter.get(word).is_none_or(|&w| w & bits != bits) {
@@ -914,11 +939,14 @@ impl CompiledPolicy {
         let mut slot = hash as usize & mask;
         loop {
             let entry = *self.slots.get(slot)?;
-            if entry == NIL {
+            if entry == EMPTY_SLOT {
                 return None;
             }
-            if (entry ^ hash) & !self.index_mask == 0 {
-                let index = entry & self.index_mask;
+            if entry.wrapping_shr(32) == u64::from(hash) {
+                let index = (entry & SLOT_INDEX) as u32;
+                if !VERIFY && entry & SLOT_VERIFY == 0 {
+                    return Some(index);
+                }
                 let node = self.nodes.get(index as usize)?;
                 if node.parent == parent
                     && node.flags & NODE_SUFFIX_KEY == kind
@@ -933,7 +961,7 @@ impl CompiledPolicy {
     }
 
     fn child(&self, parent: u32, kind: u8, text: &[u16]) -> Option<u32> {
-        self.lookup(parent, kind, hash_key(parent, kind, text), text, 0, text.len())
+        self.lookup::<true>(parent, kind, hash_key(parent, kind, text), text, 0, text.len())
     }
 
     fn volume_root(&self, volume: &Volume) -> Option<u32> {
@@ -1178,7 +1206,12 @@ impl CompiledPolicy {
     /// have succeeded is the full parse done (when the path holds a `:` it has not examined).
     ///
     /// `TILDE` (for `could_match`) also looks for `~` in every component of the name.
-    fn walk<const TILDE: bool>(&self, root: u32, path: &[u16], filter: Filter<'_>) -> Result<Walk, NameError> {
+    fn walk<const TILDE: bool, const VERIFY: bool>(
+        &self,
+        root: u32,
+        path: &[u16],
+        filter: Filter<'_>,
+    ) -> Result<Walk, NameError> {
         let mut best: Option<Found> = None;
         let mut tilde = false;
         let mut node = root;
@@ -1225,7 +1258,7 @@ impl CompiledPolicy {
                 };
                 self.try_below(node, current, below, filter, start, &mut best);
             }
-            let Some(child) = self.lookup(node, 0, hash, path, start, end.saturating_sub(start)) else {
+            let Some(child) = self.lookup::<VERIFY>(node, 0, hash, path, start, end.saturating_sub(start)) else {
                 // No rule's literal prefix continues here, so no later component can make the name match: a
                 // stream on a later directory does not change which file it is, and a later `..` that led back
                 // would have to be resolved, which NTFS and ReFS never do (they fail the create). Only a stream
@@ -1328,7 +1361,12 @@ impl CompiledPolicy {
     ) -> Result<Option<Match<'a, 'p>>, NameError> {
         let Some(root) = self.source_root(volume) else { return Ok(None) };
         let filter = Filter { process: ProcessFilter::Image(process_image), case_sensitive };
-        let Some(found) = self.walk::<false>(root, path, filter)?.found else { return Ok(None) };
+        // The fast walk answers most names ("no rule") alone; a name it finds a rule for (or rejects) is walked
+        // again comparing every component, which settles a hash it took for a key's.
+        if matches!(self.walk::<false, false>(root, path, filter), Ok(Walk { found: None, .. })) {
+            return Ok(None);
+        }
+        let Some(found) = self.walk::<false, true>(root, path, filter)?.found else { return Ok(None) };
         // A rare outcome: split the stream off only now.
         let parsed = Self::parse(path)?;
         let Some(rule) = self.rule(found.rule as usize) else { return Ok(None) };
@@ -1348,10 +1386,13 @@ impl CompiledPolicy {
         let Some(root) = self.source_root(volume) else { return false };
         // The walk's `tilde` covers every component of the name (the ones it examined and, where it left early,
         // the rest), the last one included.
-        match self.walk::<true>(root, path, Filter { process: ProcessFilter::Any, case_sensitive: false }) {
+        let filter = Filter { process: ProcessFilter::Any, case_sensitive: false };
+        let answer = |walk: Result<Walk, NameError>| match walk {
             Err(_) => true,
             Ok(walk) => walk.tilde || walk.found.is_some(),
-        }
+        };
+        // As in `match_path`: the fast walk's "no" stands, its "yes" is checked.
+        answer(self.walk::<true, false>(root, path, filter)) && answer(self.walk::<true, true>(root, path, filter))
     }
 
     /// Whether the policy has any rule whose source is on `volume` (a volume without rules needs no name queries).
@@ -1402,7 +1443,7 @@ impl CompiledPolicy {
                 .capacity()
                 .saturating_mul(size_of::<CompiledRule>())
                 .saturating_add(self.nodes.capacity().saturating_mul(size_of::<Node>()))
-                .saturating_add(self.slots.capacity().saturating_mul(size_of::<u32>()))
+                .saturating_add(self.slots.capacity().saturating_mul(size_of::<u64>()))
                 .saturating_add(self.filter.capacity().saturating_mul(size_of::<u64>()))
                 .saturating_add(self.volumes.capacity().saturating_mul(size_of::<Volume>())),
         }
@@ -1627,7 +1668,7 @@ impl fmt::Debug for Match<'_, '_> {
 )]
 mod tests {
     extern crate std;
-    use std::{string::String, vec, vec::Vec};
+    use std::{format, string::String, vec, vec::Vec};
 
     use super::*;
     use crate::reference;
@@ -1814,6 +1855,44 @@ mod tests {
         assert!(!policy.could_match(&Volume::Letter(b'D'), &w(r"\APPS~1\x")));
         assert!(policy.has_volume(&C));
         assert!(!policy.has_volume(&Volume::Letter(b'D')));
+    }
+
+    /// Two different components with the same 32-bit key hash below `parent`, found by the birthday bound among
+    /// eight-letter names (about 2^17 of them give an even chance; 2^19 make it certain in practice).
+    fn colliding_names(parent: u32) -> (String, String) {
+        let name = |mut n: u32| -> String {
+            (0..8)
+                .map(|_| {
+                    let letter = char::from(b'A' + (n % 26) as u8);
+                    n /= 26;
+                    letter
+                })
+                .collect()
+        };
+        let mut seen: Vec<(u32, u32)> = (0..1u32 << 19).map(|n| (hash_key(parent, 0, &w(&name(n))), n)).collect();
+        seen.sort_unstable();
+        let pair = seen.windows(2).find(|p| p[0].0 == p[1].0).expect("a collision among 2^19 hashes");
+        (name(pair[0].1), name(pair[1].1))
+    }
+
+    /// The fast walk trusts a hash without reading the node; a name that only shares a key's hash is settled by
+    /// the verified walk, and keys that share a hash are always compared.
+    #[test]
+    fn a_component_that_only_shares_a_keys_hash_does_not_match() {
+        let probe = compile(&[spec("probe", r"C:\Probe\**", r"D:\p")]);
+        let root = probe.source_root(&C).unwrap();
+        let (a, b) = colliding_names(root);
+        assert_ne!(a, b);
+        let one = compile(&[spec("a", &format!(r"C:\{a}\**"), r"D:\a")]);
+        assert_eq!(one.source_root(&C), Some(root), "the same root index, so the same hash");
+        let path = w(&format!(r"\{b}\file.txt"));
+        assert!(one.match_path(&C, &path, None, false).unwrap().is_none(), "{b} only shares {a}'s hash");
+        assert!(!one.could_match(&C, &path));
+        assert!(one.match_path(&C, &w(&format!(r"\{a}\file.txt")), None, false).unwrap().is_some());
+        let both = compile(&[spec("a", &format!(r"C:\{a}\**"), r"D:\a"), spec("b", &format!(r"C:\{b}\**"), r"D:\b")]);
+        let found = both.match_path(&C, &path, None, false).unwrap().unwrap();
+        assert_eq!(found.rule.name(), w("b").as_slice(), "keys sharing a hash are compared, never confused");
+        assert!(both.slots.iter().filter(|&&e| e != EMPTY_SLOT && e & SLOT_VERIFY != 0).count() >= 2);
     }
 
     fn reject(rules: &[RuleSpec], volumes: VolumeNames) -> PolicyError {

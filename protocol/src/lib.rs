@@ -56,8 +56,10 @@
 //!
 //! # Cost
 //!
-//! Matching walks the path once through a per-volume trie of upcased literal components kept in one hash table,
-//! so exact, `dir\**` and `dir\**\*.ext` rules cost `O(path length)` whatever their number. Glob rules (`*`/`?` in
+//! Matching walks the path through a per-volume trie of upcased literal components kept in one hash table, so
+//! exact, `dir\**` and `dir\**\*.ext` rules cost `O(path length)` whatever their number: once for the names no
+//! rule matches (comparing hashes only), twice for the few that a rule may match (the second walk compares the
+//! text). Glob rules (`*`/`?` in
 //! a component, `**` in the middle) are tried one by one at the node of their literal prefix: `O(path × pattern)`
 //! each, for the glob rules whose literal prefix the path passes through. No allocation, no lock, no panic.
 #![no_std]
