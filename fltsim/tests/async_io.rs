@@ -104,12 +104,8 @@ static ISSUED: Mutex<Option<Issued>> = Mutex::new(None);
 static COMPLETED: Mutex<Option<Sender<Completed>>> = Mutex::new(None);
 
 fn name_of(data: &FLT_CALLBACK_DATA) -> String {
-    // SAFETY: Filter Manager passes callback data whose Iopb is valid.
-    let iopb = unsafe { &*data.Iopb };
-    // SAFETY: a create's target file object is valid for the callback.
-    let name = unsafe { &(*iopb.TargetFileObject).FileName };
-    // SAFETY: the name buffer holds Length bytes.
-    String::from_utf16_lossy(unsafe { std::slice::from_raw_parts(name.Buffer, usize::from(name.Length / 2)) })
+    // SAFETY: Filter Manager passes this callback's data.
+    unsafe { fltsim::testfilters::build::target_name(data) }
 }
 
 /// The `PFLT_COMPLETED_ASYNC_IO_CALLBACK`: records what it sees, frees the buffer (its context) and signals `DONE`.

@@ -281,3 +281,20 @@ macro_rules! minifilter_entry_points {
         }
     };
 }
+
+/// The `FileName` of the operation's target file object (for a create, the name being opened), as a string.
+///
+/// # Safety
+/// `data` is the callback data Filter Manager passed to the calling callback, whose target file object is valid.
+#[must_use]
+pub unsafe fn target_name(data: &windows_sys::Wdk::Storage::FileSystem::Minifilters::FLT_CALLBACK_DATA) -> String {
+    // SAFETY: the caller passes callback data whose Iopb is valid.
+    let iopb = unsafe { &*data.Iopb };
+    // SAFETY: its target file object is valid during the callback.
+    let name = unsafe { &(*iopb.TargetFileObject).FileName };
+    if name.Buffer.is_null() {
+        return String::new();
+    }
+    // SAFETY: the name buffer holds Length bytes.
+    String::from_utf16_lossy(unsafe { std::slice::from_raw_parts(name.Buffer, usize::from(name.Length / 2)) })
+}
