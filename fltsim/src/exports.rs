@@ -607,21 +607,21 @@ pub const EXPORTS: &[Export] = &[
         "FltAllocateFileLock",
         "fltmgr.sys",
         "APC_LEVEL",
-        "IRQL; the lock is the loading driver's; a lock never freed is reported at unload",
+        "IRQL; the lock is the loading driver's; its `CompleteLockCallbackDataRoutine` is called for every IRP-based lock operation completed against it (a failure removes the lock just granted); the `UnlockRoutine` is not called; a lock never freed is reported at unload",
         "fltkernel/nf-fltkernel-fltallocatefilelock"
     ),
     export!(
         "FltFreeFileLock",
         "fltmgr.sys",
         "APC_LEVEL",
-        "IRQL; a lock from FltAllocateFileLock, freed once",
+        "IRQL; a lock from FltAllocateFileLock, freed once; requests still waiting complete with STATUS_CANCELLED (the docs say only that uninitializing completes them)",
         "fltkernel/nf-fltkernel-fltfreefilelock"
     ),
     export!(
         "FltProcessFileLock",
         "fltmgr.sys",
         "APC_LEVEL",
-        "IRQL; a live lock; IRP_MJ_LOCK_CONTROL only; lock, unlock single, unlock all and unlock all by key completed against the lock; a lock that would wait fails with STATUS_LOCK_NOT_GRANTED (reported as not modelled)",
+        "IRQL; a live lock; IRP_MJ_LOCK_CONTROL only; lock, unlock single, unlock all and unlock all by key completed against the lock; a conflicting lock with `FailImmediately` fails with STATUS_LOCK_NOT_GRANTED, without it is pended (`FLT_PREOP_PENDING`, which the filter returns) and granted when the conflicting locks go, oldest waiter first, then completed through Filter Manager as `FltCompletePendedPreOperation` with `FLT_PREOP_COMPLETE` would, in the releasing thread (the completion routine first); a wait nothing can end is `lock-wait-deadlock` (cancelled)",
         "fltkernel/nf-fltkernel-fltprocessfilelock"
     ),
     export!(
@@ -641,8 +641,8 @@ pub const EXPORTS: &[Export] = &[
     export!(
         "FsRtlFastUnlockAll",
         "ntoskrnl.exe",
-        "DISPATCH_LEVEL",
-        "IRQL; a live lock; releases every lock of the file object and process",
+        "APC_LEVEL",
+        "IRQL (the page's); a live lock; cancels the waiting requests of the file object and process (STATUS_CANCELLED, stricter than documented: a cleanup cancels its file object's queued requests), releases every lock of the file object and process, then grants and completes the waiting requests that can now be granted",
         "ntifs/nf-ntifs-fsrtlfastunlockall"
     ),
     export!(

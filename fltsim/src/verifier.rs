@@ -129,6 +129,9 @@ pub enum Rule {
     /// of an oplock break (or for an oplock requested with `FILE_OPEN_REQUIRING_OPLOCK`) that its own thread owes,
     /// or a thread waited for its own oplock to break, with no other thread left that could act: a deadlock.
     OplockBreakDeadlock,
+    /// A byte-range lock request without `FailImmediately` waited for a conflicting lock that no thread left
+    /// could release: every thread that could unlock or close was gone or itself waiting for a lock.
+    LockWaitDeadlock,
     /// A kernel-mode create with `IO_FORCE_ACCESS_CHECK` made on behalf of a user's request checked access as an
     /// identity other than the requestor's (the thread's effective token, such as SYSTEM in a worker thread).
     AccessCheckWrongIdentity,
@@ -208,6 +211,7 @@ impl Rule {
             Self::UserBufferUnsafeAccess => "user-buffer-unsafe-access",
             Self::UserBufferDoubleFetch => "user-buffer-double-fetch",
             Self::OplockBreakDeadlock => "oplock-break-deadlock",
+            Self::LockWaitDeadlock => "lock-wait-deadlock",
             Self::AccessCheckWrongIdentity => "access-check-wrong-identity",
             Self::ImpersonationNotRestored => "impersonation-not-restored",
             Self::SecurityReferenceLeak => "security-reference-leak",
@@ -268,6 +272,7 @@ impl Rule {
             Self::UserBufferUnsafeAccess => ddi!("fltkernel/nc-fltkernel-pflt_message_notify"),
             Self::UserBufferDoubleFetch => ddi!("wdm/nf-wdm-probeforread"),
             Self::OplockBreakDeadlock => drivers!("ifs/breaking-oplocks"),
+            Self::LockWaitDeadlock => drivers!("ifs/flt-parameters-for-irp-mj-lock-control"),
             Self::ImpersonationNotRestored => ddi!("ntifs/nf-ntifs-psimpersonateclient"),
             Self::SecurityReferenceLeak => ddi!("ntifs/nf-ntifs-sedeleteclientsecurity"),
             Self::ModelFault => "fltsim/README.md",

@@ -311,7 +311,7 @@ pub extern "system" fn FltClose(file_handle: HANDLE) -> NTSTATUS {
             verifier::report(Rule::InvalidArgument, API, format!("{file_handle:?} is not an open kernel file handle"));
             return STATUS_INVALID_HANDLE;
         };
-        iomgr::close_handle(&iomgr::Handle::from_id(id));
+        let _ = iomgr::close_handle(&iomgr::Handle::from_id(id));
         STATUS_SUCCESS
     })
 }

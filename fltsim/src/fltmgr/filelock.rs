@@ -4,7 +4,7 @@
 //! locks in one of these, so its reads and writes honour them. Locks never freed are reported at unload.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     ffi::c_void,
     sync::{Mutex, MutexGuard, PoisonError},
 };
@@ -15,8 +15,8 @@ use windows_sys::{
         Storage::FileSystem::{
             FILE_LOCK,
             Minifilters::{
-                FLT_CALLBACK_DATA, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_COMPLETE,
-                PFLT_COMPLETE_LOCK_CALLBACK_DATA_ROUTINE,
+                FLT_CALLBACK_DATA, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_COMPLETE, FLT_PREOP_PENDING,
+                FLTFL_CALLBACK_DATA_IRP_OPERATION, PFLT_COMPLETE_LOCK_CALLBACK_DATA_ROUTINE,
             },
             PUNLOCK_ROUTINE,
         },
@@ -25,21 +25,37 @@ use windows_sys::{
             IRP_MN_UNLOCK_SINGLE,
         },
     },
-    Win32::Foundation::{NTSTATUS, STATUS_INVALID_DEVICE_REQUEST, STATUS_INVALID_PARAMETER, STATUS_SUCCESS},
+    Win32::Foundation::{
+        NTSTATUS, STATUS_CANCELLED, STATUS_INVALID_DEVICE_REQUEST, STATUS_INVALID_PARAMETER, STATUS_SUCCESS,
+    },
 };
 
 use super::dispatch::requestor;
 use crate::{
     guard::guarded,
-    io::locks::{Lock, LockTable, Owner},
+    io::locks::{Grant, Lock, LockTable, Owner, Waiter},
     kernel::{irql, process, thread},
     verifier::{self, Rule},
 };
 
 const DOCS: &str = "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltprocessfilelock";
+const ALLOCATE_DOCS: &str =
+    "https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltallocatefilelock";
+const UNLOCK_ALL_DOCS: &str = "https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-_fsrtl_advanced_fcb_header-fsrtlfastunlockall";
+
+/// A lock request `FltProcessFileLock` pended: its callback data and the context it was given.
+#[derive(Clone, Copy)]
+struct Pended {
+    data: usize,
+    context: usize,
+}
 
 struct FileLock {
     table: LockTable,
+    /// The `CompleteLockCallbackDataRoutine` given to `FltAllocateFileLock`.
+    complete: PFLT_COMPLETE_LOCK_CALLBACK_DATA_ROUTINE,
+    /// The pended requests waiting in `table`, by [`Waiter::id`].
+    pended: BTreeMap<u64, Pended>,
 }
 
 /// Live filter-owned locks by address; the address is a leaked box the driver holds as its `FILE_LOCK`.
@@ -47,6 +63,15 @@ static LOCKS: Mutex<BTreeMap<usize, FileLock>> = Mutex::new(BTreeMap::new());
 
 fn locks() -> MutexGuard<'static, BTreeMap<usize, FileLock>> {
     LOCKS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The callback data of lock requests the lock package pended and has not completed yet → (lock, waiter id). An
+/// entry stays until the completion has been handed to Filter Manager, so the requestor's wait knows it waits for
+/// a lock (and applies [`Rule::LockWaitDeadlock`], not the rule for pended operations).
+static IN_WAIT: Mutex<BTreeMap<usize, (usize, u64)>> = Mutex::new(BTreeMap::new());
+
+fn in_wait() -> MutexGuard<'static, BTreeMap<usize, (usize, u64)>> {
+    IN_WAIT.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn check(api: &'static str, lock: *const FILE_LOCK) -> bool {
@@ -60,32 +85,170 @@ fn check(api: &'static str, lock: *const FILE_LOCK) -> bool {
     false
 }
 
-/// `FltAllocateFileLock`: ≤ APC_LEVEL; a new, empty lock owned by the calling filter.
+/// A pended request the lock package is about to complete: granted (`STATUS_SUCCESS`) or cancelled.
+struct Done {
+    waiter: Waiter,
+    pended: Pended,
+    status: NTSTATUS,
+    complete: PFLT_COMPLETE_LOCK_CALLBACK_DATA_ROUTINE,
+}
+
+/// Takes the pended requests of `waiters` (granted or cancelled with `status`) out of `file_lock`.
+fn take_done(file_lock: &mut FileLock, waiters: Vec<Waiter>, status: NTSTATUS) -> Vec<Done> {
+    waiters
+        .into_iter()
+        .filter_map(|waiter| {
+            let pended = file_lock.pended.remove(&waiter.id)?;
+            Some(Done { waiter, pended, status, complete: file_lock.complete })
+        })
+        .collect()
+}
+
+/// Calls the lock's `CompleteLockCallbackDataRoutine` for the lock operation `data` that is being completed: Filter
+/// Manager calls it "when the lock operation is completed", only for an IRP-based operation and a routine that is
+/// not NULL (<https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltprocessfilelock>).
+/// Returns its status (`STATUS_SUCCESS` when it was not called).
+fn notify(
+    complete: PFLT_COMPLETE_LOCK_CALLBACK_DATA_ROUTINE,
+    context: usize,
+    data: *mut FLT_CALLBACK_DATA,
+) -> NTSTATUS {
+    let Some(routine) = complete else { return STATUS_SUCCESS };
+    // SAFETY: the callback data of a lock operation that is still in progress.
+    let irp = unsafe { data.as_ref() }.is_some_and(|d| d.Flags & FLTFL_CALLBACK_DATA_IRP_OPERATION != 0);
+    if !irp {
+        return STATUS_SUCCESS;
+    }
+    // SAFETY: the routine the driver registered with FltAllocateFileLock, given the context it passed to
+    // FltProcessFileLock and the operation being completed.
+    unsafe { routine(context as *const c_void, data) }
+}
+
+/// Sets the final status of the lock operation `data`, with no information.
+fn set_status(data: *mut FLT_CALLBACK_DATA, status: NTSTATUS) {
+    // SAFETY: the callback data of a lock operation that is still in progress.
+    if let Some(data) = unsafe { data.as_mut() } {
+        data.IoStatus.Anonymous.Status = status;
+        data.IoStatus.Information = 0;
+    }
+}
+
+/// A granted lock whose completion routine failed is removed from the file, as the routine's page says ("If it
+/// returns an NTSTATUS value that is not a success code, the file lock is removed from the file",
+/// <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nc-fltkernel-pflt_complete_lock_callback_data_routine>);
+/// the operation then completes with the routine's status (the docs are silent on the status; our reading). Returns
+/// the pended requests that removal granted.
+fn withdraw(lock: usize, granted: &Lock) -> Vec<Done> {
+    let mut all = locks();
+    let Some(file_lock) = all.get_mut(&lock) else { return Vec::new() };
+    let waiters =
+        file_lock.table.unlock(granted.owner, granted.key, granted.offset, granted.length).unwrap_or_default();
+    take_done(file_lock, waiters, STATUS_SUCCESS)
+}
+
+/// Completes pended requests of `lock`, oldest first, through Filter Manager: the status goes into the callback
+/// data, the `CompleteLockCallbackDataRoutine` is called, and the operation completes as
+/// `FltCompletePendedPreOperation` with `FLT_PREOP_COMPLETE` completes it, in the calling thread's context.
+fn complete_pended(lock: usize, done: Vec<Done>) {
+    let mut todo: VecDeque<Done> = done.into();
+    while let Some(done) = todo.pop_front() {
+        let data = done.pended.data as *mut FLT_CALLBACK_DATA;
+        if !super::pending::awaits_completion(data) {
+            in_wait().remove(&done.pended.data);
+            verifier::report(
+                Rule::InvalidArgument,
+                "FltProcessFileLock",
+                format!(
+                    "FltProcessFileLock pended lock request {data:?} (it returned FLT_PREOP_PENDING) but the \
+                     pre-operation callback did not return FLT_PREOP_PENDING with it ({DOCS}); the request is dropped"
+                ),
+            );
+            continue;
+        }
+        set_status(data, done.status);
+        let routine = notify(done.complete, done.pended.context, data);
+        if done.status >= 0 && routine < 0 {
+            set_status(data, routine);
+            todo.extend(withdraw(lock, &done.waiter.lock));
+        }
+        super::pending::FltCompletePendedPreOperation(data, FLT_PREOP_COMPLETE, std::ptr::null());
+        // Only now: until Filter Manager has the completion, the requestor's wait is a lock wait.
+        in_wait().remove(&done.pended.data);
+    }
+}
+
+/// Whether the pended operation `data` is a lock request waiting in a filter-owned lock (or granted and not yet
+/// handed to Filter Manager).
+pub(crate) fn waits_for_lock(data: *const FLT_CALLBACK_DATA) -> bool {
+    in_wait().contains_key(&(data as usize))
+}
+
+/// A waiting lock request taken out of its lock's queue because nothing could end its wait.
+pub(crate) struct Abandoned(Vec<Done>);
+
+impl Abandoned {
+    /// Sets `STATUS_CANCELLED` in its callback data and calls the completion routine; Filter Manager's wait then
+    /// fails the operation.
+    pub(crate) fn complete(self) {
+        for done in self.0 {
+            let data = done.pended.data as *mut FLT_CALLBACK_DATA;
+            set_status(data, STATUS_CANCELLED);
+            let _ = notify(done.complete, done.pended.context, data);
+        }
+    }
+}
+
+/// Takes the waiting lock request `data` out of its lock's queue, when nothing can end its wait. `None` when it no
+/// longer waits (it was granted meanwhile, and its completion is on the way).
+pub(crate) fn abandon(data: *const FLT_CALLBACK_DATA) -> Option<Abandoned> {
+    let (lock, id) = in_wait().get(&(data as usize)).copied()?;
+    let done = {
+        let mut all = locks();
+        let file_lock = all.get_mut(&lock)?;
+        let waiter = file_lock.table.cancel(id)?;
+        take_done(file_lock, vec![waiter], STATUS_CANCELLED)
+    };
+    in_wait().remove(&(data as usize));
+    Some(Abandoned(done))
+}
+
+/// `FltAllocateFileLock`: ≤ APC_LEVEL; a new, empty lock owned by the calling filter, with the
+/// `CompleteLockCallbackDataRoutine` called whenever a lock operation on it completes (the `UnlockRoutine` is not
+/// called: not modelled).
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltallocatefilelock>.
 #[unsafe(no_mangle)]
 pub extern "system" fn FltAllocateFileLock(
-    _complete: PFLT_COMPLETE_LOCK_CALLBACK_DATA_ROUTINE,
+    complete: PFLT_COMPLETE_LOCK_CALLBACK_DATA_ROUTINE,
     _unlock: PUNLOCK_ROUTINE,
 ) -> *mut FILE_LOCK {
     const API: &str = "FltAllocateFileLock";
     guarded(API, std::ptr::null_mut(), || {
-        if !thread::require_irql_at_most(API, irql::APC, DOCS) {
+        if !thread::require_irql_at_most(API, irql::APC, ALLOCATE_DOCS) {
             return std::ptr::null_mut();
         }
         // The driver only ever passes the pointer back; the model keeps the lock's state beside it.
         let token = Box::into_raw(Box::new(0u64)).cast::<FILE_LOCK>();
-        locks().insert(token as usize, FileLock { table: LockTable::default() });
+        locks().insert(token as usize, FileLock { table: LockTable::default(), complete, pended: BTreeMap::new() });
         token
     })
 }
 
-/// `FltFreeFileLock`: ≤ APC_LEVEL; a lock from `FltAllocateFileLock`, freed once.
+/// `FltFreeFileLock`: ≤ APC_LEVEL; a lock from `FltAllocateFileLock`, freed once. Uninitializing a file lock
+/// completes its outstanding `IRP_MJ_LOCK_CONTROL` requests
+/// (<https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-_fsrtl_advanced_fcb_header-fsrtluninitializefilelock>):
+/// requests still waiting complete with `STATUS_CANCELLED` (the docs give no status; the model uses the one a
+/// cleanup gives queued requests).
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltfreefilelock>.
 #[unsafe(no_mangle)]
 pub extern "system" fn FltFreeFileLock(lock: *const FILE_LOCK) {
     const API: &str = "FltFreeFileLock";
     guarded(API, (), || {
         if check(API, lock) {
+            let done = locks().get_mut(&(lock as usize)).map_or_else(Vec::new, |file_lock| {
+                let waiters = file_lock.table.cancel_where(|_| true);
+                take_done(file_lock, waiters, STATUS_CANCELLED)
+            });
+            complete_pended(lock as usize, done);
             locks().remove(&(lock as usize));
             // SAFETY: the token was leaked from a Box<u64> in FltAllocateFileLock and is freed once.
             drop(unsafe { Box::from_raw(lock.cast_mut().cast::<u64>()) });
@@ -103,9 +266,22 @@ fn owner_of(data: &FLT_CALLBACK_DATA, file_object: *const FILE_OBJECT) -> Owner 
     Owner { file_object: file_object as usize, process }
 }
 
+/// What `FltProcessFileLock` does with a lock operation.
+enum Outcome {
+    /// Complete it now with this status; complete these pended requests the operation granted.
+    Now(NTSTATUS, Vec<Done>, Option<Lock>),
+    /// The request waits: `FLT_PREOP_PENDING`.
+    Pended,
+}
+
 /// `FltProcessFileLock`: ≤ APC_LEVEL; an `IRP_MJ_LOCK_CONTROL` operation, which it completes against the lock:
-/// lock, unlock one range, unlock all of the owner's. Locks that would wait are not modelled (they fail with
-/// `STATUS_LOCK_NOT_GRANTED`, reported).
+/// lock, unlock one range, unlock all of the owner's, unlock all by key. A lock request that conflicts with a
+/// granted lock fails with `STATUS_LOCK_NOT_GRANTED` when `FailImmediately` is set; otherwise it is pended and the
+/// call returns `FLT_PREOP_PENDING` ("The lock operation has been pended"), which the pre-operation callback
+/// returns. When the conflicting locks go (an unlock here, `FsRtlFastUnlockAll`), the lock package grants it and
+/// completes it through Filter Manager, as `FltCompletePendedPreOperation` with `FLT_PREOP_COMPLETE` would, in the
+/// releasing thread's context; the driver must not complete it itself. Every completion of an IRP-based operation
+/// calls the lock's `CompleteLockCallbackDataRoutine` first; a failure from it removes the lock granted.
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltprocessfilelock>.
 ///
 /// # Safety
@@ -114,12 +290,13 @@ fn owner_of(data: &FLT_CALLBACK_DATA, file_object: *const FILE_OBJECT) -> Owner 
 pub unsafe extern "system" fn FltProcessFileLock(
     lock: *const FILE_LOCK,
     callback_data: *const FLT_CALLBACK_DATA,
-    _context: *const c_void,
+    context: *const c_void,
 ) -> FLT_PREOP_CALLBACK_STATUS {
     const API: &str = "FltProcessFileLock";
     guarded(API, FLT_PREOP_COMPLETE, || {
+        let data_ptr = callback_data.cast_mut();
         // SAFETY: the driver passes the callback data of an operation in progress.
-        let Some(data) = (unsafe { callback_data.cast_mut().as_mut() }) else { return FLT_PREOP_COMPLETE };
+        let Some(data) = (unsafe { data_ptr.as_mut() }) else { return FLT_PREOP_COMPLETE };
         let complete = |data: &mut FLT_CALLBACK_DATA, status: NTSTATUS| {
             data.IoStatus.Anonymous.Status = status;
             data.IoStatus.Information = 0;
@@ -141,44 +318,60 @@ pub unsafe extern "system" fn FltProcessFileLock(
         let offset = u64::try_from(params.ByteOffset).unwrap_or(0);
         let owner = Owner { file_object: iopb.TargetFileObject as usize, process: process_id(params.ProcessId) };
         let minor = u32::from(iopb.MinorFunction);
-        let result = {
+        let (outcome, routine) = {
             let mut all = locks();
             let Some(file_lock) = all.get_mut(&(lock as usize)) else {
                 return complete(data, STATUS_INVALID_PARAMETER);
             };
-            match minor {
+            let released = |file_lock: &mut FileLock, granted: Vec<Waiter>| {
+                Outcome::Now(STATUS_SUCCESS, take_done(file_lock, granted, STATUS_SUCCESS), None)
+            };
+            let outcome = match minor {
                 IRP_MN_LOCK => {
-                    let result = file_lock.table.lock(Lock {
-                        owner,
-                        key: params.Key,
-                        offset,
-                        length,
-                        exclusive: params.ExclusiveLock,
-                    });
-                    if result.is_err() && !params.FailImmediately {
-                        drop(all);
-                        verifier::report(
-                            Rule::UnsupportedByModel,
-                            API,
-                            "a lock request that would wait is not modelled; it fails",
-                        );
-                        return complete(data, windows_sys::Win32::Foundation::STATUS_LOCK_NOT_GRANTED);
+                    let request = Lock { owner, key: params.Key, offset, length, exclusive: params.ExclusiveLock };
+                    if params.FailImmediately {
+                        match file_lock.table.lock(request) {
+                            Ok(()) => Outcome::Now(STATUS_SUCCESS, Vec::new(), Some(request)),
+                            Err(status) => Outcome::Now(status, Vec::new(), None),
+                        }
+                    } else {
+                        match file_lock.table.lock_or_wait(request) {
+                            Grant::Granted => Outcome::Now(STATUS_SUCCESS, Vec::new(), Some(request)),
+                            Grant::Waiting(id) => {
+                                let pended = Pended { data: data_ptr as usize, context: context as usize };
+                                file_lock.pended.insert(id, pended);
+                                in_wait().insert(data_ptr as usize, (lock as usize, id));
+                                Outcome::Pended
+                            }
+                        }
                     }
-                    result
                 }
-                IRP_MN_UNLOCK_SINGLE => file_lock.table.unlock(owner, params.Key, offset, length),
+                IRP_MN_UNLOCK_SINGLE => match file_lock.table.unlock(owner, params.Key, offset, length) {
+                    Ok(granted) => released(file_lock, granted),
+                    Err(status) => Outcome::Now(status, Vec::new(), None),
+                },
                 IRP_MN_UNLOCK_ALL => {
-                    file_lock.table.unlock_all(owner);
-                    Ok(())
+                    let granted = file_lock.table.unlock_all(owner);
+                    released(file_lock, granted)
                 }
                 IRP_MN_UNLOCK_ALL_BY_KEY => {
-                    file_lock.table.unlock_all_by_key(owner, params.Key);
-                    Ok(())
+                    let granted = file_lock.table.unlock_all_by_key(owner, params.Key);
+                    released(file_lock, granted)
                 }
-                _ => Err(STATUS_INVALID_DEVICE_REQUEST),
-            }
+                _ => Outcome::Now(STATUS_INVALID_DEVICE_REQUEST, Vec::new(), None),
+            };
+            (outcome, file_lock.complete)
         };
-        complete(data, result.err().unwrap_or(STATUS_SUCCESS))
+        let Outcome::Now(status, mut granted, taken) = outcome else { return FLT_PREOP_PENDING };
+        complete(data, status);
+        if notify(routine, context as usize, data_ptr) < 0
+            && let Some(taken) = taken
+        {
+            // The routine failed the lock just granted: it is removed from the file (the routine's page).
+            granted.extend(withdraw(lock as usize, &taken));
+        }
+        complete_pended(lock as usize, granted);
+        FLT_PREOP_COMPLETE
     })
 }
 
@@ -247,8 +440,13 @@ pub extern "system" fn FltCheckLockForWriteAccess(
     })
 }
 
-/// `FsRtlFastUnlockAll`: ≤ DISPATCH_LEVEL; releases every lock of (file object, process), as at cleanup.
-/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-fsrtlfastunlockall>.
+/// `FsRtlFastUnlockAll`: ≤ APC_LEVEL (the page's IRQL; the model allowed DISPATCH_LEVEL before it completed
+/// requests); releases every lock of (file object, process), as at cleanup, and then "completes any currently
+/// queued lock IRPs that can now be completed". The requests of that file object and process still waiting are
+/// cancelled first (`STATUS_CANCELLED`): the page is silent on them, and a cleanup must cancel its file object's
+/// queued requests (<https://learn.microsoft.com/windows-hardware/drivers/kernel/irp-mj-cleanup>), which a filter
+/// does through this call (stricter than documented).
+/// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-_fsrtl_advanced_fcb_header-fsrtlfastunlockall>.
 #[unsafe(no_mangle)]
 pub extern "system" fn FsRtlFastUnlockAll(
     lock: *const FILE_LOCK,
@@ -258,19 +456,22 @@ pub extern "system" fn FsRtlFastUnlockAll(
 ) -> NTSTATUS {
     const API: &str = "FsRtlFastUnlockAll";
     guarded(API, STATUS_INVALID_PARAMETER, || {
-        const UNLOCK_DOCS: &str =
-            "https://learn.microsoft.com/windows-hardware/drivers/ddi/ntifs/nf-ntifs-fsrtlfastunlockall";
-        if !thread::require_irql_at_most(API, irql::DISPATCH, UNLOCK_DOCS) {
+        if !thread::require_irql_at_most(API, irql::APC, UNLOCK_ALL_DOCS) {
             return STATUS_INVALID_PARAMETER;
         }
         let owner = Owner { file_object: file_object as usize, process: process_id(process) };
-        match locks().get_mut(&(lock as usize)) {
-            Some(l) => {
-                l.table.unlock_all(owner);
-                STATUS_SUCCESS
+        let done = match locks().get_mut(&(lock as usize)) {
+            Some(file_lock) => {
+                let cancelled = file_lock.table.cancel_where(|w| w.lock.owner == owner);
+                let mut done = take_done(file_lock, cancelled, STATUS_CANCELLED);
+                let granted = file_lock.table.unlock_all(owner);
+                done.extend(take_done(file_lock, granted, STATUS_SUCCESS));
+                done
             }
-            None => STATUS_INVALID_PARAMETER,
-        }
+            None => return STATUS_INVALID_PARAMETER,
+        };
+        complete_pended(lock as usize, done);
+        STATUS_SUCCESS
     })
 }
 

@@ -219,14 +219,39 @@ pub(crate) fn leave_pre(data: *const FLT_CALLBACK_DATA) {
 
 /// Waits for the driver to complete the pended operation `data`. `None` when it never will: nothing is left on
 /// the system workers to complete it (reported).
+///
+/// A lock request that `FltProcessFileLock` pended waits for a lock instead, which any thread may release: its wait
+/// ends by [`Rule::LockWaitDeadlock`] when no thread is left that could ([`crate::io::locks`]); the request is then
+/// cancelled and this returns `None`.
 pub(crate) fn wait(data: *const FLT_CALLBACK_DATA) -> Option<Completion> {
     let key = data as usize;
+    let lock_wait = super::filelock::waits_for_lock(data);
+    let _blocked = lock_wait.then(crate::io::locks::Blocked::enter);
     let mut all = pended();
     loop {
         if let Some(completion) = all.get_mut(&key).and_then(|op| op.completion.take()) {
             return Some(completion);
         }
-        if work::outstanding() == 0 {
+        if lock_wait {
+            drop(all);
+            let mut abandoned = None;
+            if crate::io::locks::give_up_if_stuck(|| {
+                abandoned = super::filelock::abandon(data);
+                abandoned.is_some()
+            }) {
+                crate::io::locks::report_deadlock("FltProcessFileLock");
+                if let Some(abandoned) = abandoned {
+                    abandoned.complete();
+                }
+                pended().remove(&key);
+                return None;
+            }
+            // Not stuck, or granted meanwhile (its completion is on the way).
+            all = pended();
+            if all.get(&key).is_some_and(|op| op.completion.is_some()) {
+                continue;
+            }
+        } else if work::outstanding() == 0 {
             // No worker can still complete it; the requesting thread would wait forever.
             all.remove(&key);
             drop(all);
@@ -241,6 +266,12 @@ pub(crate) fn wait(data: *const FLT_CALLBACK_DATA) -> Option<Completion> {
         // Re-check on every change of the worker queue; the timeout only bounds how long a missed wake-up lasts.
         all = PENDED_CHANGED.wait_timeout(all, Duration::from_millis(5)).unwrap_or_else(PoisonError::into_inner).0;
     }
+}
+
+/// Whether `data` is a pended operation that waits for its completion (pended, or its pre-operation callback still
+/// running, and not completed yet).
+pub(crate) fn awaits_completion(data: *const FLT_CALLBACK_DATA) -> bool {
+    pended().get(&(data as usize)).is_some_and(|op| op.completion.is_none() && !op.finished)
 }
 
 /// Tells the completer of `data` that the rest of the operation has run.

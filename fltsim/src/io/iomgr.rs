@@ -27,7 +27,7 @@ use windows_sys::{
     },
     Win32::{
         Foundation::{
-            NTSTATUS, STATUS_ACCESS_DENIED, STATUS_FILE_LOCK_CONFLICT, STATUS_FLT_DISALLOW_FAST_IO,
+            NTSTATUS, STATUS_ACCESS_DENIED, STATUS_CANCELLED, STATUS_FILE_LOCK_CONFLICT, STATUS_FLT_DISALLOW_FAST_IO,
             STATUS_FLT_DISALLOW_FSFILTER_IO, STATUS_INVALID_PARAMETER, STATUS_MOUNT_POINT_NOT_RESOLVED,
             STATUS_NOT_SAME_DEVICE, STATUS_OBJECT_PATH_NOT_FOUND, STATUS_REPARSE, STATUS_REPARSE_POINT_NOT_RESOLVED,
             STATUS_SUCCESS, UNICODE_STRING,
@@ -877,21 +877,35 @@ pub(crate) fn write_from(
 /// `IRP_MJ_CLOSE` when it was the last.
 #[expect(clippy::needless_pass_by_value, reason = "closing consumes the handle so it cannot be used again")]
 pub fn close(handle: Handle) {
-    close_handle(&handle);
+    let _ = close_handle(&handle);
 }
 
 /// `IRP_MJ_CLEANUP` for the handle, then drops the handle's reference. Returns false when the handle was not open.
-pub(crate) fn close_handle(handle: &Handle) -> bool {
+///
+/// [`close`] without giving the handle up: how a program closes a handle that another of its threads is using, as
+/// `CloseHandle` from one thread while another waits in a request on it (a lock that waits, [`lock_wait`]).
+#[must_use = "false when the handle was not open"]
+pub fn close_handle(handle: &Handle) -> bool {
     let Ok(t) = target(handle) else { return false };
     if !handle_is_open(handle) {
         return false;
     }
     let mut request = Request::new(major(IRP_MJ_CLEANUP), t.file_object, t.kernel_mode).from_origin(t.origin);
     dispatch(t.volume.handle, &mut request, |request| {
-        // The file system releases the handle's byte-range locks (FsRtlFastUnlockAll) at cleanup.
+        // The file system releases the handle's byte-range locks (FsRtlFastUnlockAll) at cleanup, which grants the
+        // requests that waited for them, and cancels the lock requests of this file object still waiting: a
+        // cleanup cancels and completes the queued IRPs of its file object with STATUS_CANCELLED
+        // (https://learn.microsoft.com/windows-hardware/drivers/kernel/irp-mj-cleanup).
         let owner = lock_owner(t.file_object);
         let _ = with_open(handle, |f| f.stream).map(|stream| {
-            with_table(|table| table.locks.get_mut(&stream).map(|l| l.unlock_all(owner)));
+            with_table(|table| {
+                if let Some(locks) = table.locks.get_mut(&stream) {
+                    for waiter in locks.cancel_where(|w| w.lock.owner.file_object == owner.file_object) {
+                        super::locks::resolve(waiter.id, STATUS_CANCELLED);
+                    }
+                    grant(locks.unlock_all(owner));
+                }
+            });
         });
         fs::cleanup(t.open);
         // And the handle's oplocks break to none, releasing whatever waits for their acknowledgement — after the
@@ -1287,20 +1301,56 @@ fn fs_lock_allows(handle: &Handle, file_object: *const FILE_OBJECT, offset: u64,
     })
 }
 
-/// Locks a byte range through the filters (`IRP_MJ_LOCK_CONTROL`, `IRP_MN_LOCK`), as `LockFileEx` does.
+/// Locks a byte range through the filters (`IRP_MJ_LOCK_CONTROL`, `IRP_MN_LOCK` with `FailImmediately` TRUE), as
+/// `LockFileEx` with `LOCKFILE_FAIL_IMMEDIATELY` does.
 ///
 /// # Errors
 /// `STATUS_LOCK_NOT_GRANTED` on a conflict, or a filter's status.
 pub fn lock(handle: &Handle, offset: u64, length: u64, key: u32, exclusive: bool) -> Result<(), NTSTATUS> {
-    lock_control(handle, IRP_MN_LOCK, offset, length, key, exclusive)
+    lock_control(handle, IRP_MN_LOCK, offset, length, key, exclusive, true)
 }
 
-/// Unlocks a byte range through the filters (`IRP_MN_UNLOCK_SINGLE`), as `UnlockFileEx` does.
+/// Locks a byte range and waits for it (`IRP_MN_LOCK` with `FailImmediately` FALSE), as `LockFileEx` without
+/// `LOCKFILE_FAIL_IMMEDIATELY` does on a synchronous handle: "Otherwise, it waits"
+/// (<https://learn.microsoft.com/windows/win32/api/fileapi/nf-fileapi-lockfileex>). A request that conflicts with
+/// a granted lock blocks the calling thread until the conflicting locks are released (an unlock, an unlock-all, or
+/// their handle's cleanup) and it is granted, in arrival order with the other waiters.
+///
+/// The request and its completion processing run in the calling thread (on Windows the completion of a queued
+/// request runs in the thread that released the lock; the model keeps it in the waiter's, as the result reaches the
+/// same filters). When nothing could end the wait, [`Rule::LockWaitDeadlock`](crate::Rule::LockWaitDeadlock) is
+/// reported and the request is cancelled.
+///
+/// # Errors
+/// `STATUS_CANCELLED` when the handle was cleaned up while the request waited, or nothing could end the wait
+/// (reported); a filter's status.
+pub fn lock_wait(handle: &Handle, offset: u64, length: u64, key: u32, exclusive: bool) -> Result<(), NTSTATUS> {
+    lock_control(handle, IRP_MN_LOCK, offset, length, key, exclusive, false)
+}
+
+/// Unlocks a byte range through the filters (`IRP_MN_UNLOCK_SINGLE`), as `UnlockFileEx` does; lock requests
+/// waiting for the range may be granted.
 ///
 /// # Errors
 /// `STATUS_RANGE_NOT_LOCKED`, or a filter's status.
 pub fn unlock(handle: &Handle, offset: u64, length: u64, key: u32) -> Result<(), NTSTATUS> {
-    lock_control(handle, IRP_MN_UNLOCK_SINGLE, offset, length, key, false)
+    lock_control(handle, IRP_MN_UNLOCK_SINGLE, offset, length, key, false, true)
+}
+
+/// How many lock requests wait on the file system's locks of the stream `handle` opened.
+///
+/// # Errors
+/// `STATUS_INVALID_PARAMETER` for a handle that is not open.
+pub fn waiting_locks(handle: &Handle) -> Result<usize, NTSTATUS> {
+    let stream = with_open(handle, |f| f.stream)?;
+    Ok(with_table(|t| t.locks.get(&stream).map_or(0, |l| l.waiting().len())))
+}
+
+/// Completes the waiting lock requests a release granted.
+fn grant(granted: Vec<super::locks::Waiter>) {
+    for waiter in granted {
+        super::locks::resolve(waiter.id, STATUS_SUCCESS);
+    }
 }
 
 fn lock_control(
@@ -1310,6 +1360,7 @@ fn lock_control(
     length: u64,
     key: u32,
     exclusive: bool,
+    fail_immediately: bool,
 ) -> Result<(), NTSTATUS> {
     let t = target(handle)?;
     let mut length_value = i64::try_from(length).map_err(|_| STATUS_INVALID_PARAMETER)?;
@@ -1321,27 +1372,44 @@ fn lock_control(
         iopb.Parameters.LockControl.Key = key;
         iopb.Parameters.LockControl.ByteOffset = i64::try_from(offset).map_err(|_| STATUS_INVALID_PARAMETER)?;
         iopb.Parameters.LockControl.ProcessId = crate::kernel::process::current().peprocess();
-        iopb.Parameters.LockControl.FailImmediately = true;
+        iopb.Parameters.LockControl.FailImmediately = fail_immediately;
         iopb.Parameters.LockControl.ExclusiveLock = exclusive;
     }
     let stream = with_open(handle, |f| f.stream)?;
+    // The request holds a reference to the file object while it is in progress, as an IRP does: the handle may be
+    // closed by another thread while the request waits, and the close comes after the request completes.
+    reference(handle);
     dispatch(t.volume.handle, &mut request, |request| {
         // Every byte-range lock operation checks the stream's oplocks first.
         super::oplock::before_operation(t.open, super::oplock::Operation::Lock);
+        // Whether the request may wait, as the filters left FailImmediately.
+        // SAFETY: the union holds the LockControl parameters for IRP_MJ_LOCK_CONTROL.
+        let wait = !unsafe { request.iopb().Parameters.LockControl.FailImmediately };
         let owner = lock_owner(t.file_object);
+        let lock = super::locks::Lock { owner, key, offset, length, exclusive };
         let result = with_table(|table| {
             let locks = table.locks.entry(stream).or_default();
-            if minor == IRP_MN_LOCK {
-                locks.lock(super::locks::Lock { owner, key, offset, length, exclusive })
-            } else {
-                locks.unlock(owner, key, offset, length)
+            if minor != IRP_MN_LOCK {
+                return locks.unlock(owner, key, offset, length).map(grant).map(|()| None);
             }
+            if wait {
+                return Ok(match locks.lock_or_wait(lock) {
+                    super::locks::Grant::Granted => None,
+                    super::locks::Grant::Waiting(id) => Some(id),
+                });
+            }
+            locks.lock(lock).map(|()| None)
         });
-        match result {
-            Ok(()) => request.complete(STATUS_SUCCESS, 0),
-            Err(status) => request.complete(status, 0),
-        }
+        let status = match result {
+            Ok(None) => STATUS_SUCCESS,
+            Ok(Some(id)) => super::locks::wait(id, "IRP_MJ_LOCK_CONTROL", |id| {
+                with_table(|table| table.locks.get_mut(&stream).and_then(|l| l.cancel(id)).is_some())
+            }),
+            Err(status) => status,
+        };
+        request.complete(status, 0);
     });
+    dereference(handle);
     let status = request.status();
     if status < 0 { Err(status) } else { Ok(()) }
 }

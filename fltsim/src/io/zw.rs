@@ -215,7 +215,7 @@ pub extern "system" fn ZwClose(handle: HANDLE) -> NTSTATUS {
             verifier::report(Rule::InvalidArgument, API, format!("{handle:?} is not an open kernel handle"));
             return STATUS_INVALID_HANDLE;
         };
-        iomgr::close_handle(&open);
+        let _ = iomgr::close_handle(&open);
         STATUS_SUCCESS
     })
 }

@@ -225,6 +225,13 @@ pub fn other_spawned_threads() -> usize {
     SPAWNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().filter(|id| **id != me).count()
 }
 
+/// Whether the calling thread is one started with [`spawn`] (and still running, which it is while it asks).
+#[must_use]
+pub(crate) fn is_spawned() -> bool {
+    let me = thread::current().id();
+    SPAWNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&me)
+}
+
 /// `KeGetCurrentIrql`: callable at any IRQL. Windows reads it inline (CR8 on x64, the KPCR through x18 on ARM64);
 /// on the host the driver calls this export instead.
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/wdm/nf-wdm-kegetcurrentirql>.

@@ -130,6 +130,12 @@ pub fn outstanding_elsewhere() -> usize {
     outstanding().saturating_sub(RUNNING.with(std::cell::Cell::get))
 }
 
+/// Whether the calling thread is a system worker running a work item (or runs one inline).
+#[must_use]
+pub(crate) fn on_worker() -> bool {
+    RUNNING.with(std::cell::Cell::get) > 0
+}
+
 fn run(job: Job, item: &WorkItem) {
     let before = thread::snapshot();
     RUNNING.with(|r| r.set(r.get().saturating_add(1)));

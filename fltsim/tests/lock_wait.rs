@@ -1,0 +1,412 @@
+//! Byte-range lock requests that wait (`FailImmediately` FALSE, `LockFileEx` without `LOCKFILE_FAIL_IMMEDIATELY`):
+//! the file system's, granted when the conflicting lock is unlocked or its handle closed, cancelled when the waiting
+//! handle is closed, granted in arrival order; a filter's own (`FltProcessFileLock` pends the request and completes
+//! it later); and the rule that finds a wait nothing can end.
+
+use std::{
+    ffi::c_void,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicIsize, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use fltsim::{
+    Rule,
+    io::{self, VolumeSpec, iomgr, locks},
+    kernel::thread,
+    scenario,
+    testfilters::build::{END, Table, operation, register, registration, unregister},
+    verifier::{take_reports, take_rules},
+};
+use windows_sys::{
+    Wdk::{
+        Foundation::DRIVER_OBJECT,
+        Storage::FileSystem::{
+            FILE_LOCK, FsRtlFastUnlockAll,
+            Minifilters::{
+                FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_COMPLETE,
+                FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltAllocateFileLock,
+                FltCheckLockForReadAccess, FltFreeFileLock, FltGetRequestorProcess, FltProcessFileLock,
+                FltStartFiltering,
+            },
+        },
+        System::SystemServices::IRP_MN_LOCK,
+    },
+    Win32::{
+        Foundation::{
+            NTSTATUS, STATUS_CANCELLED, STATUS_FILE_LOCK_CONFLICT, STATUS_LOCK_NOT_GRANTED, STATUS_SUCCESS,
+            UNICODE_STRING,
+        },
+        Storage::FileSystem::{FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA},
+    },
+};
+
+fn setup() {
+    let root = io::fresh_root("lock_wait");
+    std::fs::write(root.join("data.bin"), b"0123456789abcdef").expect("seed");
+    io::mount(VolumeSpec::ntfs('C', &root));
+}
+
+fn open() -> iomgr::Handle {
+    let params = iomgr::OpenParams {
+        desired_access: FILE_READ_DATA | FILE_WRITE_DATA,
+        share_access: FILE_SHARE_READ | FILE_SHARE_WRITE,
+        ..Default::default()
+    };
+    iomgr::create(r"C:\data.bin", &params).expect("open")
+}
+
+/// Blocks until `n` threads wait for a lock. A safety net, not the rule under test: a request that never starts
+/// waiting panics the polling thread after ten seconds, and the rule then ends the other's wait.
+fn until_waiting(n: usize) {
+    let start = Instant::now();
+    while locks::waiting_threads() < n {
+        assert!(start.elapsed() < Duration::from_secs(10), "{n} lock requests never started waiting");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+scenario! {
+    /// A request that conflicts waits until the holder unlocks from another thread, is then granted, and holds the
+    /// range against the former holder; nothing is reported (the quiet half of `lock-wait-deadlock`).
+    fn a_waiting_lock_is_granted_when_another_thread_unlocks() {
+        setup();
+        let a = open();
+        let b = open();
+        iomgr::lock(&a, 0, 4, 0, true).expect("exclusive lock");
+        let unlocker = thread::spawn("unlocker", move || {
+            until_waiting(1);
+            assert_eq!(iomgr::waiting_locks(&a), Ok(1), "b's request waits in the file system");
+            iomgr::unlock(&a, 0, 4, 0).expect("unlock");
+            a
+        })
+        .expect("spawn");
+        assert_eq!(iomgr::lock_wait(&b, 2, 2, 0, true), Ok(()), "granted after the unlock");
+        let a = unlocker.join().expect("unlocker");
+        assert_eq!(iomgr::waiting_locks(&a), Ok(0));
+        assert_eq!(iomgr::read(&a, Some(2), 1), Err(STATUS_FILE_LOCK_CONFLICT), "b holds the range now");
+        iomgr::close(a);
+        iomgr::close(b);
+        assert!(take_reports().is_empty());
+    }
+}
+
+scenario! {
+    /// Closing the holder's handle releases its locks at cleanup, which grants the waiting request.
+    fn a_waiting_lock_is_granted_when_the_holders_handle_closes() {
+        setup();
+        let a = open();
+        let b = open();
+        iomgr::lock(&a, 0, 8, 0, false).expect("shared lock");
+        let closer = thread::spawn("closer", move || {
+            until_waiting(1);
+            iomgr::close(a);
+        })
+        .expect("spawn");
+        assert_eq!(iomgr::lock_wait(&b, 4, 8, 0, true), Ok(()), "an exclusive lock waits for the shared one");
+        closer.join().expect("closer");
+        assert_eq!(iomgr::lock(&b, 0, 4, 0, true), Ok(()), "a's shared lock went with its handle");
+        iomgr::close(b);
+        assert!(take_reports().is_empty());
+    }
+}
+
+scenario! {
+    /// A request with FailImmediately is still refused at once, without waiting and without a report, even with no
+    /// other thread left.
+    fn a_lock_that_fails_immediately_is_still_refused_at_once() {
+        setup();
+        let a = open();
+        let b = open();
+        iomgr::lock(&a, 0, 4, 0, true).expect("exclusive lock");
+        assert_eq!(iomgr::lock(&b, 3, 1, 0, false), Err(STATUS_LOCK_NOT_GRANTED));
+        assert_eq!(iomgr::waiting_locks(&b), Ok(0));
+        assert_eq!(locks::waiting_threads(), 0);
+        iomgr::close(a);
+        iomgr::close(b);
+        assert!(take_reports().is_empty());
+    }
+}
+
+scenario! {
+    /// Two requests waiting for the same range are granted in the order they arrived: the first when the holder
+    /// unlocks, the second when the first unlocks.
+    fn waiters_are_granted_in_arrival_order() {
+        setup();
+        let a = open();
+        iomgr::lock(&a, 0, 4, 0, true).expect("exclusive lock");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiter = |name: &'static str, order: Arc<Mutex<Vec<&'static str>>>| {
+            move || {
+                let handle = open();
+                iomgr::lock_wait(&handle, 0, 4, 0, true).expect("granted");
+                order.lock().expect("order").push(name);
+                iomgr::unlock(&handle, 0, 4, 0).expect("unlock");
+                iomgr::close(handle);
+            }
+        };
+        let first = thread::spawn("first", waiter("first", Arc::clone(&order))).expect("spawn");
+        until_waiting(1);
+        let second = thread::spawn("second", waiter("second", Arc::clone(&order))).expect("spawn");
+        until_waiting(2);
+        assert_eq!(iomgr::waiting_locks(&a), Ok(2));
+        iomgr::unlock(&a, 0, 4, 0).expect("unlock");
+        first.join().expect("first");
+        second.join().expect("second");
+        assert_eq!(*order.lock().expect("order"), ["first", "second"]);
+        iomgr::close(a);
+        assert!(take_reports().is_empty());
+    }
+}
+
+scenario! {
+    /// Closing the waiting handle from another thread cancels its request (STATUS_CANCELLED), as a cleanup cancels
+    /// its file object's queued requests; the holder keeps its lock.
+    fn closing_the_waiting_handle_cancels_its_request() {
+        setup();
+        let a = open();
+        let b = Arc::new(open());
+        iomgr::lock(&a, 0, 4, 0, true).expect("exclusive lock");
+        let waiting = Arc::clone(&b);
+        let waiter = thread::spawn("waiter", move || iomgr::lock_wait(&waiting, 0, 4, 0, true)).expect("spawn");
+        until_waiting(1);
+        assert!(iomgr::close_handle(&b), "cleanup of the waiting handle");
+        assert_eq!(waiter.join().expect("waiter"), Err(STATUS_CANCELLED));
+        assert_eq!(iomgr::waiting_locks(&a), Ok(0));
+        assert!(iomgr::read(&a, Some(0), 4).is_ok(), "a still holds its lock and reads");
+        iomgr::close(a);
+        assert!(take_reports().is_empty());
+    }
+}
+
+scenario! {
+    /// The only thread that could unlock is the one waiting: the wait would never end. Reported by rule, not a
+    /// timeout; the request is cancelled and the holder keeps its lock.
+    fn a_lock_wait_nothing_can_end_is_reported_and_cancelled() {
+        setup();
+        let a = open();
+        let b = open();
+        iomgr::lock(&a, 0, 4, 0, true).expect("exclusive lock");
+        assert_eq!(iomgr::lock_wait(&b, 0, 1, 0, false), Err(STATUS_CANCELLED));
+        assert_eq!(take_rules(), [Rule::LockWaitDeadlock]);
+        assert_eq!(iomgr::waiting_locks(&b), Ok(0), "the request left the queue");
+        assert_eq!(iomgr::lock(&b, 0, 1, 0, false), Err(STATUS_LOCK_NOT_GRANTED), "a's lock stays");
+        iomgr::close(a);
+        iomgr::close(b);
+        assert!(take_reports().is_empty());
+    }
+}
+
+scenario! {
+    /// Two threads each waiting for the other's lock: the rule fires once, for whichever thread finds the cycle
+    /// first, and cancels that thread's request; the other goes on waiting and is granted what the first releases.
+    fn a_cycle_of_lock_waits_is_reported_once_and_the_other_waiter_goes_on() {
+        setup();
+        let a = open();
+        let b = open();
+        iomgr::lock(&a, 0, 4, 0, true).expect("the test's lock");
+        let other = thread::spawn("other", || {
+            let c = open();
+            let d = open();
+            iomgr::lock(&c, 10, 4, 0, true).expect("the other thread's lock");
+            let waited = iomgr::lock_wait(&d, 0, 4, 0, true);
+            // Releases [10, 14) whether or not it gave up.
+            iomgr::close(c);
+            iomgr::close(d);
+            waited
+        })
+        .expect("spawn");
+        until_waiting(1);
+        let mine = iomgr::lock_wait(&b, 10, 4, 0, true);
+        // Releases [0, 4) whether or not this thread gave up.
+        iomgr::close(a);
+        let theirs = other.join().expect("other");
+        let mut results = [mine, theirs];
+        results.sort_unstable();
+        assert_eq!(results, [Ok(()), Err(STATUS_CANCELLED)], "exactly one waiter gives up, the other is granted");
+        assert_eq!(take_rules(), [Rule::LockWaitDeadlock]);
+        iomgr::close(b);
+        assert!(take_reports().is_empty());
+    }
+}
+
+// A filter that serves a file's locks itself.
+
+static FILTER: AtomicIsize = AtomicIsize::new(0);
+static LOCK: AtomicIsize = AtomicIsize::new(0);
+/// Every lock request's `FailImmediately`, as the filter saw it, in order.
+static FAIL_IMMEDIATELY: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+/// The status of every operation the lock's completion routine saw, in order.
+static COMPLETED: Mutex<Vec<NTSTATUS>> = Mutex::new(Vec::new());
+static PENDED: AtomicUsize = AtomicUsize::new(0);
+
+fn file_lock() -> *const FILE_LOCK {
+    LOCK.load(Ordering::SeqCst) as *const FILE_LOCK
+}
+
+unsafe extern "system" fn complete_lock(_context: *const c_void, data: *const FLT_CALLBACK_DATA) -> NTSTATUS {
+    // SAFETY: Filter Manager passes the lock operation being completed.
+    let data = unsafe { &*data };
+    // SAFETY: every member of the status union is an NTSTATUS-sized integer.
+    let status = unsafe { data.IoStatus.Anonymous.Status };
+    COMPLETED.lock().expect("completed").push(status);
+    STATUS_SUCCESS
+}
+
+unsafe extern "system" fn pre_lock(
+    data: *mut FLT_CALLBACK_DATA,
+    _objects: *const FLT_RELATED_OBJECTS,
+    context: *mut *mut c_void,
+) -> FLT_PREOP_CALLBACK_STATUS {
+    // SAFETY: the lock operation's data.
+    let iopb = unsafe { &*data }.Iopb;
+    // SAFETY: and its parameter block.
+    let iopb = unsafe { &*iopb };
+    if u32::from(iopb.MinorFunction) == IRP_MN_LOCK {
+        // SAFETY: the union holds the LockControl parameters for IRP_MJ_LOCK_CONTROL.
+        let fail_immediately = unsafe { iopb.Parameters.LockControl.FailImmediately };
+        FAIL_IMMEDIATELY.lock().expect("flags").push(fail_immediately);
+    }
+    // SAFETY: this filter's lock and the lock operation's data.
+    let status = unsafe { FltProcessFileLock(file_lock(), data, std::ptr::null()) };
+    if status == windows_sys::Wdk::Storage::FileSystem::Minifilters::FLT_PREOP_PENDING {
+        PENDED.fetch_add(1, Ordering::SeqCst);
+    }
+    // SAFETY: the completion context slot of this call; none is passed.
+    unsafe { *context = std::ptr::null_mut() };
+    status
+}
+
+unsafe extern "system" fn pre_read(
+    data: *mut FLT_CALLBACK_DATA,
+    _objects: *const FLT_RELATED_OBJECTS,
+    _context: *mut *mut c_void,
+) -> FLT_PREOP_CALLBACK_STATUS {
+    // SAFETY: this filter's lock and the read's data.
+    if unsafe { FltCheckLockForReadAccess(file_lock(), data) } {
+        return FLT_PREOP_SUCCESS_NO_CALLBACK;
+    }
+    // SAFETY: the read's data, completed here.
+    let data = unsafe { &mut *data };
+    data.IoStatus.Anonymous.Status = STATUS_FILE_LOCK_CONFLICT;
+    FLT_PREOP_COMPLETE
+}
+
+unsafe extern "system" fn pre_cleanup(
+    data: *mut FLT_CALLBACK_DATA,
+    objects: *const FLT_RELATED_OBJECTS,
+    _context: *mut *mut c_void,
+) -> FLT_PREOP_CALLBACK_STATUS {
+    // SAFETY: the cleanup's data.
+    let process = unsafe { FltGetRequestorProcess(data) };
+    // SAFETY: and its related objects.
+    let file_object = unsafe { (*objects).FileObject };
+    // SAFETY: this filter's lock; the closing handle's file object and process.
+    unsafe { FsRtlFastUnlockAll(file_lock(), file_object, process, std::ptr::null()) };
+    FLT_PREOP_SUCCESS_NO_CALLBACK
+}
+
+static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 4]> = Table([
+    operation(17, Some(pre_lock), None),
+    operation(3, Some(pre_read), None),
+    operation(18, Some(pre_cleanup), None),
+    operation(END, None, None),
+]);
+
+static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
+
+unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
+    // SAFETY: the loader's driver object.
+    let filter = match unsafe { register(driver, &REGISTRATION, &FILTER) } {
+        Ok(filter) => filter,
+        Err(status) => return status,
+    };
+    // SAFETY: no preconditions; the routine lives as long as the driver.
+    LOCK.store(unsafe { FltAllocateFileLock(Some(complete_lock), None) } as isize, Ordering::SeqCst);
+    // SAFETY: a registered filter.
+    unsafe { FltStartFiltering(filter) }
+}
+
+unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
+    // SAFETY: the lock allocated in DriverEntry, freed once.
+    unsafe { FltFreeFileLock(file_lock()) };
+    unregister(&FILTER);
+    STATUS_SUCCESS
+}
+
+fn load_filter() -> fltsim::LoadedDriver {
+    fltsim::registry::install_minifilter_service("lockwait", "Lock Wait Instance", "134000");
+    fltsim::load("lockwait", driver_entry).expect("load")
+}
+
+scenario! {
+    /// FltProcessFileLock pends a request that must wait (FLT_PREOP_PENDING, which the filter returns); when another
+    /// thread unlocks through the filter, the lock package grants it, calls the completion routine and completes it
+    /// through Filter Manager, and the requestor's call returns with the grant.
+    fn a_filter_pends_a_waiting_lock_and_completes_it_when_the_lock_goes() {
+        setup();
+        let mut driver = load_filter();
+        let a = open();
+        let b = open();
+        iomgr::lock(&a, 0, 4, 0, true).expect("the filter grants it");
+        let unlocker = thread::spawn("unlocker", move || {
+            until_waiting(1);
+            iomgr::unlock(&a, 0, 4, 0).expect("unlock");
+            a
+        })
+        .expect("spawn");
+        assert_eq!(iomgr::lock_wait(&b, 0, 2, 0, true), Ok(()));
+        let a = unlocker.join().expect("unlocker");
+        assert_eq!(PENDED.load(Ordering::SeqCst), 1, "only b's request was pended");
+        assert_eq!(*FAIL_IMMEDIATELY.lock().expect("flags"), [true, false]);
+        assert_eq!(*COMPLETED.lock().expect("completed"), [STATUS_SUCCESS; 3], "a's lock, the unlock, b's lock");
+        assert_eq!(iomgr::read(&a, Some(0), 2), Err(STATUS_FILE_LOCK_CONFLICT), "b holds the range in the filter");
+        iomgr::close(b);
+        assert_eq!(iomgr::read(&a, Some(0), 2).expect("released at b's cleanup"), b"01");
+        iomgr::close(a);
+        driver.unload(false).expect("unload");
+        assert!(take_reports().is_empty());
+    }
+}
+
+scenario! {
+    /// The filter's cleanup (FsRtlFastUnlockAll) of the holder's handle grants the pended request.
+    fn a_filters_unlock_all_at_cleanup_grants_the_pended_request() {
+        setup();
+        let mut driver = load_filter();
+        let a = open();
+        let b = open();
+        iomgr::lock(&a, 4, 4, 0, true).expect("the filter grants it");
+        let closer = thread::spawn("closer", move || {
+            until_waiting(1);
+            iomgr::close(a);
+        })
+        .expect("spawn");
+        assert_eq!(iomgr::lock_wait(&b, 0, 6, 0, false), Ok(()));
+        closer.join().expect("closer");
+        iomgr::close(b);
+        driver.unload(false).expect("unload");
+        assert!(take_reports().is_empty());
+    }
+}
+
+scenario! {
+    /// A request the filter pended that nothing can grant is reported and cancelled, not hung: the completion routine
+    /// sees STATUS_CANCELLED.
+    fn a_filter_lock_wait_nothing_can_end_is_reported_and_cancelled() {
+        setup();
+        let mut driver = load_filter();
+        let a = open();
+        let b = open();
+        iomgr::lock(&a, 0, 4, 0, true).expect("the filter grants it");
+        assert_eq!(iomgr::lock_wait(&b, 0, 4, 0, true), Err(STATUS_CANCELLED));
+        assert_eq!(take_rules(), [Rule::LockWaitDeadlock]);
+        assert_eq!(*COMPLETED.lock().expect("completed"), [STATUS_SUCCESS, STATUS_CANCELLED]);
+        iomgr::close(a);
+        iomgr::close(b);
+        driver.unload(false).expect("unload");
+        assert!(take_reports().is_empty());
+    }
+}
