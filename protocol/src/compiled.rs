@@ -12,20 +12,20 @@
 //! full. A large trie also has a small Bloom filter over the table's keys, so that the usual miss is answered
 //! without touching the table.
 //!
-//! Matching walks the path once, component by component, following the trie, and leaves at the first component
-//! no rule continues with (most names leave within a few components). Each component is read once, four units at a
-//! time: its end, its upcased hash and any `:` or `~` come out of the same pass. A slot entry holds the key's whole
-//! 32-bit hash (which covers the parent node, the key kind, the length and the upcased text) beside the node index,
-//! and keys that share a hash are flagged when the table is built. The first walk trusts an unflagged entry whose
-//! hash is the component's without reading the node or its text, so a step costs a hash and one slot read; a name
-//! no key has can rarely be taken for one, which only ever adds candidates, so that walk's "no rule" stands and the
-//! few names it finds a rule for (or rejects) are walked again comparing each component with the node's text, four
-//! units at a time, read in place from the arena and the path. At each node with rules below it the walk tries the
-//! subtree and glob rules of its list, and looks the suffix table up with the path's last extension; at the end it
-//! checks the exact rules at the head of the last node's list. The stream suffix is split off only when a rule
+//! Matching walks the path once, component by component, following the trie, and leaves at the first component no rule
+//! continues with (most names leave within a few components). Each component is read once, four units at a time: its
+//! end, its upcased hash and any `:` or `~` come out of the same pass. A slot entry holds the high bits of the key's
+//! hash (which covers the parent node, the key kind, the length and the upcased text) beside the node index, and an
+//! entry a probe for another key could stop at is flagged when the table is built. The first walk trusts an unflagged
+//! entry whose hash bits are the component's without reading the node or its text, so a step costs a hash and one slot
+//! read; a name no key has can rarely be taken for one, which only ever adds candidates, so that walk's "no rule"
+//! stands and the few names it finds a rule for (or rejects) are walked again comparing each component with the node's
+//! text, four units at a time, read in place from the arena and the path. At each node with rules below it the walk
+//! tries the subtree and glob rules of its list, and looks the suffix table up with the path's last extension; at the
+//! end it checks the exact rules at the head of the last node's list. The stream suffix is split off only when a rule
 //! matches or the path holds a `:` the walk did not reach. Each step is a hash of one component and a bounded
-//! comparison, so the cost grows with the path's length and not with the number of rules — except for glob rules,
-//! which are tried one by one.
+//! comparison, so the cost grows with the path's length and not with the number of rules — except for glob rules, which
+//! are tried one by one.
 
 use alloc::{collections::TryReserveError, vec::Vec};
 use core::fmt;
@@ -200,11 +200,17 @@ pub struct CompiledPolicy {
     rules: Vec<CompiledRule>,
     volumes: Vec<Volume>,
     nodes: Vec<Node>,
-    /// Open addressing over `nodes` ([`EMPTY_SLOT`] for an empty slot); its length is a power of two. An entry holds
-    /// the node's 32-bit hash in its high half and the node's index in its low 31 bits, with [`SLOT_VERIFY`] set
-    /// when another key has the same hash. The walk trusts an unflagged entry whose hash is the component's
-    /// without reading the node (see [`CompiledPolicy::lookup`]).
-    slots: Vec<u64>,
+    /// Open addressing over `nodes` ([`NIL`] for an empty slot); its length is a power of two. An entry holds the
+    /// node's index in its low bits (`index_mask`), above them a flag set when a probe for another key could stop
+    /// at this entry on its hash bits alone (`verify_bit`), and the high bits of the node's hash above that. The
+    /// walk trusts an unflagged entry whose hash bits are the component's without reading the node (see
+    /// [`CompiledPolicy::lookup`]).
+    slots: Vec<u32>,
+    /// The bits of a slot entry that hold the node index: all of them while the trie is built, the fewest that
+    /// can hold every index once it is done (so that no entry equals `NIL`).
+    index_mask: u32,
+    /// The flag bit just above `index_mask` (0 while the trie is built, when every lookup compares texts).
+    verify_bit: u32,
     /// A blocked Bloom filter over the keys of `slots` (two bits of one word per key), empty for small policies.
     /// Most lookups of a large policy are misses at the first component no rule continues with; the filter answers
     /// them from a table of a few bits per node that stays in cache, where the slot table would not.
@@ -212,13 +218,6 @@ pub struct CompiledPolicy {
     /// The number of hash bits that select a filter word (`filter.len()` is `1 << filter_bits`).
     filter_bits: u32,
 }
-
-/// An empty slot of [`CompiledPolicy::slots`].
-const EMPTY_SLOT: u64 = u64::MAX;
-/// The bits of a slot entry that hold the node index.
-const SLOT_INDEX: u64 = 0x7FFF_FFFF;
-/// Set on the entries of keys that share their hash with another key: a lookup that meets one compares texts.
-const SLOT_VERIFY: u64 = 0x8000_0000;
 
 /// Policies with at least this many trie nodes get a [`CompiledPolicy::filter`]: below it the slot table is small
 /// enough to stay in cache and the filter would only add work.
@@ -740,6 +739,8 @@ impl CompiledPolicy {
             self.nodes.push(Node::new(NIL, Span::default(), 0));
             hashes.push(0);
         }
+        self.index_mask = u32::MAX;
+        self.verify_bit = 0;
         self.grow_slots(most.saturating_mul(2).max(8), &hashes)?;
         // Insert in reverse rank order and prepend, so every list ends up best first.
         let mut order: Vec<u32> = Vec::new();
@@ -763,6 +764,9 @@ impl CompiledPolicy {
             nodes.extend_from_slice(&self.nodes);
             self.nodes = nodes;
         }
+        let index_bits = u32::BITS.saturating_sub(to_u32(self.nodes.len()).leading_zeros());
+        self.index_mask = 1u32.checked_shl(index_bits).map_or(u32::MAX, |bit| bit.wrapping_sub(1));
+        self.verify_bit = 1u32.checked_shl(index_bits).unwrap_or(0);
         let nodes = self.nodes.len();
         self.grow_slots(nodes.saturating_add(nodes.wrapping_shr(1)).max(8), &hashes)?;
         self.build_filter(&hashes)
@@ -860,7 +864,7 @@ impl CompiledPolicy {
         self.nodes.try_reserve(1).map_err(oom)?;
         hashes.try_reserve(1).map_err(oom)?;
         let index = to_u32(self.nodes.len());
-        if u64::from(index) > SLOT_INDEX {
+        if index == NIL {
             return Err(PolicyError::whole(Problem::OutOfMemory));
         }
         self.nodes.push(Node::new(parent, text, kind));
@@ -877,9 +881,9 @@ impl CompiledPolicy {
     /// Replaces the slot table with one of `wanted` slots (rounded up to a power of two) holding every node.
     fn grow_slots(&mut self, wanted: usize, hashes: &[u32]) -> Result<(), PolicyError> {
         let capacity = wanted.checked_next_power_of_two().ok_or(PolicyError::whole(Problem::OutOfMemory))?;
-        let mut slots: Vec<u64> = Vec::new();
+        let mut slots: Vec<u32> = Vec::new();
         slots.try_reserve_exact(capacity).map_err(oom)?;
-        slots.resize(capacity, EMPTY_SLOT);
+        slots.resize(capacity, NIL);
         self.slots = slots;
         for (index, &hash) in hashes.iter().enumerate() {
             if self.nodes.get(index).is_some_and(|node| node.parent != NIL) {
@@ -889,21 +893,23 @@ impl CompiledPolicy {
         Ok(())
     }
 
-    /// Puts node `index` with `hash` in its slot. Keys of equal hash share a home slot, so the probe passes every
-    /// earlier one: both get [`SLOT_VERIFY`].
+    /// Puts node `index` with `hash` in its slot. A probe for a key stops at an entry whose hash bits are its own;
+    /// such entries lie between the key's home slot and its own entry, so this probe, or the later one of the
+    /// other key, passes them: both get `verify_bit`.
     fn place(&mut self, index: u32, hash: u32) {
         let mask = self.slots.len().saturating_sub(1);
-        let mut entry = u64::from(hash).wrapping_shl(32) | u64::from(index);
+        let hash_bits = !(self.index_mask | self.verify_bit);
+        let mut entry = index | (hash & hash_bits);
         let mut slot = hash as usize & mask;
         for _ in 0..self.slots.len() {
             let Some(occupant) = self.slots.get_mut(slot) else { return };
-            if *occupant == EMPTY_SLOT {
+            if *occupant == NIL {
                 *occupant = entry;
                 return;
             }
-            if occupant.wrapping_shr(32) == u64::from(hash) {
-                *occupant |= SLOT_VERIFY;
-                entry |= SLOT_VERIFY;
+            if (*occupant ^ hash) & hash_bits == 0 {
+                *occupant |= self.verify_bit;
+                entry |= self.verify_bit;
             }
             slot = slot.wrapping_add(1) & mask;
         }
@@ -913,10 +919,10 @@ impl CompiledPolicy {
     /// table, which is at most two-thirds full, so it ends; on a policy's own keys the chains are short. An entry
     /// whose hash differs is skipped without reading its node.
     ///
-    /// With `VERIFY` false, an entry with the key's 32-bit hash (which covers the parent, the kind, the length and
-    /// the upcased text) is taken without reading its node unless it is flagged [`SLOT_VERIFY`]: the trie's own keys
-    /// never share an unflagged hash, so an existing child is always found, but a name no key has may, rarely, be
-    /// taken for one. A walk made that way is a superset of the exact walk; [`match_path`](Self::match_path) and
+    /// With `VERIFY` false, an entry with the key's hash bits (the hash covers the parent, the kind, the length and
+    /// the upcased text) is taken without reading its node unless it is flagged: a probe never stops at an unflagged
+    /// entry of another of the trie's keys, so an existing child is always found, but a name no key has may, rarely,
+    /// be taken for one. A walk made that way is a superset of the exact walk; [`match_path`](Self::match_path) and
     /// [`could_match`](Self::could_match) redo with `VERIFY` the rare walks whose answer is not "no".
     #[expect(clippy::inline_always, reason = "measured: a call per component costs the walk more than the copy")]
     #[inline(always)]
@@ -939,12 +945,12 @@ impl CompiledPolicy {
         let mut slot = hash as usize & mask;
         loop {
             let entry = *self.slots.get(slot)?;
-            if entry == EMPTY_SLOT {
+            if entry == NIL {
                 return None;
             }
-            if entry.wrapping_shr(32) == u64::from(hash) {
-                let index = (entry & SLOT_INDEX) as u32;
-                if !VERIFY && entry & SLOT_VERIFY == 0 {
+            if (entry ^ hash) & !(self.index_mask | self.verify_bit) == 0 {
+                let index = entry & self.index_mask;
+                if !VERIFY && self.verify_bit != 0 && entry & self.verify_bit == 0 {
                     return Some(index);
                 }
                 let node = self.nodes.get(index as usize)?;
@@ -1443,7 +1449,7 @@ impl CompiledPolicy {
                 .capacity()
                 .saturating_mul(size_of::<CompiledRule>())
                 .saturating_add(self.nodes.capacity().saturating_mul(size_of::<Node>()))
-                .saturating_add(self.slots.capacity().saturating_mul(size_of::<u64>()))
+                .saturating_add(self.slots.capacity().saturating_mul(size_of::<u32>()))
                 .saturating_add(self.filter.capacity().saturating_mul(size_of::<u64>()))
                 .saturating_add(self.volumes.capacity().saturating_mul(size_of::<Volume>())),
         }
@@ -1892,7 +1898,7 @@ mod tests {
         let both = compile(&[spec("a", &format!(r"C:\{a}\**"), r"D:\a"), spec("b", &format!(r"C:\{b}\**"), r"D:\b")]);
         let found = both.match_path(&C, &path, None, false).unwrap().unwrap();
         assert_eq!(found.rule.name(), w("b").as_slice(), "keys sharing a hash are compared, never confused");
-        assert!(both.slots.iter().filter(|&&e| e != EMPTY_SLOT && e & SLOT_VERIFY != 0).count() >= 2);
+        assert!(both.slots.iter().filter(|&&e| e != NIL && e & both.verify_bit != 0).count() >= 2);
     }
 
     fn reject(rules: &[RuleSpec], volumes: VolumeNames) -> PolicyError {
