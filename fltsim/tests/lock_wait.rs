@@ -4,11 +4,7 @@
 //! it later); and the rule that finds a wait nothing can end.
 
 use std::{
-    ffi::c_void,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicIsize, AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -17,30 +13,12 @@ use fltsim::{
     io::{self, VolumeSpec, iomgr, locks},
     kernel::thread,
     scenario,
-    testfilters::build::{END, Table, operation, register, registration, unregister},
+    testfilters::locker,
     verifier::{take_reports, take_rules},
 };
-use windows_sys::{
-    Wdk::{
-        Foundation::DRIVER_OBJECT,
-        Storage::FileSystem::{
-            FILE_LOCK, FsRtlFastUnlockAll,
-            Minifilters::{
-                FLT_CALLBACK_DATA, FLT_OPERATION_REGISTRATION, FLT_PREOP_CALLBACK_STATUS, FLT_PREOP_COMPLETE,
-                FLT_PREOP_SUCCESS_NO_CALLBACK, FLT_REGISTRATION, FLT_RELATED_OBJECTS, FltAllocateFileLock,
-                FltCheckLockForReadAccess, FltFreeFileLock, FltGetRequestorProcess, FltProcessFileLock,
-                FltStartFiltering,
-            },
-        },
-        System::SystemServices::IRP_MN_LOCK,
-    },
-    Win32::{
-        Foundation::{
-            NTSTATUS, STATUS_CANCELLED, STATUS_FILE_LOCK_CONFLICT, STATUS_LOCK_NOT_GRANTED, STATUS_SUCCESS,
-            UNICODE_STRING,
-        },
-        Storage::FileSystem::{FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA},
-    },
+use windows_sys::Win32::{
+    Foundation::{STATUS_CANCELLED, STATUS_FILE_LOCK_CONFLICT, STATUS_LOCK_NOT_GRANTED, STATUS_SUCCESS},
+    Storage::FileSystem::{FILE_READ_DATA, FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_WRITE_DATA},
 };
 
 fn setup() {
@@ -232,113 +210,8 @@ scenario! {
     }
 }
 
-// A filter that serves a file's locks itself.
-
-static FILTER: AtomicIsize = AtomicIsize::new(0);
-static LOCK: AtomicIsize = AtomicIsize::new(0);
-/// Every lock request's `FailImmediately`, as the filter saw it, in order.
-static FAIL_IMMEDIATELY: Mutex<Vec<bool>> = Mutex::new(Vec::new());
-/// The status of every operation the lock's completion routine saw, in order.
-static COMPLETED: Mutex<Vec<NTSTATUS>> = Mutex::new(Vec::new());
-static PENDED: AtomicUsize = AtomicUsize::new(0);
-
-fn file_lock() -> *const FILE_LOCK {
-    LOCK.load(Ordering::SeqCst) as *const FILE_LOCK
-}
-
-unsafe extern "system" fn complete_lock(_context: *const c_void, data: *const FLT_CALLBACK_DATA) -> NTSTATUS {
-    // SAFETY: Filter Manager passes the lock operation being completed.
-    let data = unsafe { &*data };
-    // SAFETY: every member of the status union is an NTSTATUS-sized integer.
-    let status = unsafe { data.IoStatus.Anonymous.Status };
-    COMPLETED.lock().expect("completed").push(status);
-    STATUS_SUCCESS
-}
-
-unsafe extern "system" fn pre_lock(
-    data: *mut FLT_CALLBACK_DATA,
-    _objects: *const FLT_RELATED_OBJECTS,
-    context: *mut *mut c_void,
-) -> FLT_PREOP_CALLBACK_STATUS {
-    // SAFETY: the lock operation's data.
-    let iopb = unsafe { &*data }.Iopb;
-    // SAFETY: and its parameter block.
-    let iopb = unsafe { &*iopb };
-    if u32::from(iopb.MinorFunction) == IRP_MN_LOCK {
-        // SAFETY: the union holds the LockControl parameters for IRP_MJ_LOCK_CONTROL.
-        let fail_immediately = unsafe { iopb.Parameters.LockControl.FailImmediately };
-        FAIL_IMMEDIATELY.lock().expect("flags").push(fail_immediately);
-    }
-    // SAFETY: this filter's lock and the lock operation's data.
-    let status = unsafe { FltProcessFileLock(file_lock(), data, std::ptr::null()) };
-    if status == windows_sys::Wdk::Storage::FileSystem::Minifilters::FLT_PREOP_PENDING {
-        PENDED.fetch_add(1, Ordering::SeqCst);
-    }
-    // SAFETY: the completion context slot of this call; none is passed.
-    unsafe { *context = std::ptr::null_mut() };
-    status
-}
-
-unsafe extern "system" fn pre_read(
-    data: *mut FLT_CALLBACK_DATA,
-    _objects: *const FLT_RELATED_OBJECTS,
-    _context: *mut *mut c_void,
-) -> FLT_PREOP_CALLBACK_STATUS {
-    // SAFETY: this filter's lock and the read's data.
-    if unsafe { FltCheckLockForReadAccess(file_lock(), data) } {
-        return FLT_PREOP_SUCCESS_NO_CALLBACK;
-    }
-    // SAFETY: the read's data, completed here.
-    let data = unsafe { &mut *data };
-    data.IoStatus.Anonymous.Status = STATUS_FILE_LOCK_CONFLICT;
-    FLT_PREOP_COMPLETE
-}
-
-unsafe extern "system" fn pre_cleanup(
-    data: *mut FLT_CALLBACK_DATA,
-    objects: *const FLT_RELATED_OBJECTS,
-    _context: *mut *mut c_void,
-) -> FLT_PREOP_CALLBACK_STATUS {
-    // SAFETY: the cleanup's data.
-    let process = unsafe { FltGetRequestorProcess(data) };
-    // SAFETY: and its related objects.
-    let file_object = unsafe { (*objects).FileObject };
-    // SAFETY: this filter's lock; the closing handle's file object and process.
-    unsafe { FsRtlFastUnlockAll(file_lock(), file_object, process, std::ptr::null()) };
-    FLT_PREOP_SUCCESS_NO_CALLBACK
-}
-
-static OPERATIONS: Table<[FLT_OPERATION_REGISTRATION; 4]> = Table([
-    operation(17, Some(pre_lock), None),
-    operation(3, Some(pre_read), None),
-    operation(18, Some(pre_cleanup), None),
-    operation(END, None, None),
-]);
-
-static REGISTRATION: Table<FLT_REGISTRATION> = Table(registration((&raw const OPERATIONS.0).cast(), Some(unload)));
-
-unsafe extern "system" fn driver_entry(driver: *const DRIVER_OBJECT, _path: *const UNICODE_STRING) -> NTSTATUS {
-    // SAFETY: the loader's driver object.
-    let filter = match unsafe { register(driver, &REGISTRATION, &FILTER) } {
-        Ok(filter) => filter,
-        Err(status) => return status,
-    };
-    // SAFETY: no preconditions; the routine lives as long as the driver.
-    LOCK.store(unsafe { FltAllocateFileLock(Some(complete_lock), None) } as isize, Ordering::SeqCst);
-    // SAFETY: a registered filter.
-    unsafe { FltStartFiltering(filter) }
-}
-
-unsafe extern "system" fn unload(_flags: u32) -> NTSTATUS {
-    // SAFETY: the lock allocated in DriverEntry, freed once.
-    unsafe { FltFreeFileLock(file_lock()) };
-    unregister(&FILTER);
-    STATUS_SUCCESS
-}
-
 fn load_filter() -> fltsim::LoadedDriver {
-    fltsim::registry::install_minifilter_service("lockwait", "Lock Wait Instance", "134000");
-    fltsim::load("lockwait", driver_entry).expect("load")
+    locker::load().expect("load")
 }
 
 scenario! {
@@ -359,9 +232,9 @@ scenario! {
         .expect("spawn");
         assert_eq!(iomgr::lock_wait(&b, 0, 2, 0, true), Ok(()));
         let a = unlocker.join().expect("unlocker");
-        assert_eq!(PENDED.load(Ordering::SeqCst), 1, "only b's request was pended");
-        assert_eq!(*FAIL_IMMEDIATELY.lock().expect("flags"), [true, false]);
-        assert_eq!(*COMPLETED.lock().expect("completed"), [STATUS_SUCCESS; 3], "a's lock, the unlock, b's lock");
+        assert_eq!(locker::pended(), 1, "only b's request was pended");
+        assert_eq!(locker::fail_immediately_seen(), [true, false]);
+        assert_eq!(locker::completed(), [STATUS_SUCCESS; 3], "a's lock, the unlock, b's lock");
         assert_eq!(iomgr::read(&a, Some(0), 2), Err(STATUS_FILE_LOCK_CONFLICT), "b holds the range in the filter");
         iomgr::close(b);
         assert_eq!(iomgr::read(&a, Some(0), 2).expect("released at b's cleanup"), b"01");
@@ -403,7 +276,7 @@ scenario! {
         iomgr::lock(&a, 0, 4, 0, true).expect("the filter grants it");
         assert_eq!(iomgr::lock_wait(&b, 0, 4, 0, true), Err(STATUS_CANCELLED));
         assert_eq!(take_rules(), [Rule::LockWaitDeadlock]);
-        assert_eq!(*COMPLETED.lock().expect("completed"), [STATUS_SUCCESS, STATUS_CANCELLED]);
+        assert_eq!(locker::completed(), [STATUS_SUCCESS, STATUS_CANCELLED]);
         iomgr::close(a);
         iomgr::close(b);
         driver.unload(false).expect("unload");
