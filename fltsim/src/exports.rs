@@ -607,7 +607,7 @@ pub const EXPORTS: &[Export] = &[
         "FltAllocateFileLock",
         "fltmgr.sys",
         "APC_LEVEL",
-        "IRQL; the lock is the loading driver's; its `CompleteLockCallbackDataRoutine` is called for every IRP-based lock operation completed against it (a failure removes the lock just granted); the `UnlockRoutine` is not called; a lock never freed is reported at unload",
+        "IRQL; the lock is the loading driver's; its `CompleteLockCallbackDataRoutine` is called for every IRP-based lock operation completed against it (a failure removes the lock just granted, and the operation completes with that status); the `UnlockRoutine` is not called; a lock never freed is reported at unload",
         "fltkernel/nf-fltkernel-fltallocatefilelock"
     ),
     export!(

@@ -283,3 +283,46 @@ scenario! {
         assert!(take_reports().is_empty());
     }
 }
+
+scenario! {
+    /// Closing the waiting handle cancels the request the filter pended: its cleanup's FsRtlFastUnlockAll cancels
+    /// the file object's waiting requests, and the completion routine sees STATUS_CANCELLED.
+    fn closing_the_waiting_handle_cancels_the_request_the_filter_pended() {
+        setup();
+        let mut driver = load_filter();
+        let a = open();
+        let b = Arc::new(open());
+        iomgr::lock(&a, 0, 4, 0, true).expect("the filter grants it");
+        let waiting = Arc::clone(&b);
+        let waiter = thread::spawn("waiter", move || iomgr::lock_wait(&waiting, 0, 4, 0, true)).expect("spawn");
+        until_waiting(1);
+        assert!(iomgr::close_handle(&b), "cleanup of the waiting handle");
+        assert_eq!(waiter.join().expect("waiter"), Err(STATUS_CANCELLED));
+        assert_eq!(locker::pended(), 1);
+        assert_eq!(locker::completed(), [STATUS_SUCCESS, STATUS_CANCELLED], "a's lock, then b's cancelled request");
+        assert_eq!(iomgr::read(&a, Some(0), 2).expect("a still reads its range"), b"01");
+        iomgr::close(a);
+        driver.unload(false).expect("unload");
+        assert!(take_reports().is_empty());
+    }
+}
+
+scenario! {
+    /// A completion routine that fails a lock it is told about undoes the grant (FltAllocateFileLock's docs): the
+    /// request fails with the routine's status and another handle may take the range.
+    fn a_completion_routine_that_fails_a_lock_undoes_it() {
+        setup();
+        let mut driver = load_filter();
+        let a = open();
+        let b = open();
+        locker::answer_completions_with(STATUS_LOCK_NOT_GRANTED);
+        assert_eq!(iomgr::lock(&a, 0, 4, 0, true), Err(STATUS_LOCK_NOT_GRANTED));
+        locker::answer_completions_with(STATUS_SUCCESS);
+        iomgr::lock(&b, 0, 4, 0, true).expect("the range is free: a's lock was undone");
+        assert_eq!(iomgr::read(&a, Some(0), 2), Err(STATUS_FILE_LOCK_CONFLICT), "b holds it now");
+        iomgr::close(b);
+        iomgr::close(a);
+        driver.unload(false).expect("unload");
+        assert!(take_reports().is_empty());
+    }
+}

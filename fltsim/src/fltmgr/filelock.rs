@@ -364,11 +364,14 @@ pub unsafe extern "system" fn FltProcessFileLock(
         };
         let Outcome::Now(status, mut granted, taken) = outcome else { return FLT_PREOP_PENDING };
         complete(data, status);
-        if notify(routine, context as usize, data_ptr) < 0
+        let answer = notify(routine, context as usize, data_ptr);
+        if answer < 0
             && let Some(taken) = taken
         {
-            // The routine failed the lock just granted: it is removed from the file (the routine's page).
+            // The routine failed the lock just granted: it is removed from the file (the routine's page), and the
+            // operation completes with the routine's status, as a pended one does.
             granted.extend(withdraw(lock as usize, &taken));
+            set_status(data_ptr, answer);
         }
         complete_pended(lock as usize, granted);
         FLT_PREOP_COMPLETE

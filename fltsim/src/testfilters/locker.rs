@@ -8,7 +8,7 @@ use std::{
     ffi::c_void,
     sync::{
         Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI32, AtomicIsize, AtomicUsize, Ordering},
     },
 };
 
@@ -44,6 +44,8 @@ static LEAK: AtomicBool = AtomicBool::new(false);
 static FAIL_IMMEDIATELY: Mutex<Vec<bool>> = Mutex::new(Vec::new());
 static COMPLETED: Mutex<Vec<NTSTATUS>> = Mutex::new(Vec::new());
 static PENDED: AtomicUsize = AtomicUsize::new(0);
+/// What the completion routine answers (`STATUS_SUCCESS` unless a test asks for a failure).
+static COMPLETION_ANSWER: AtomicI32 = AtomicI32::new(STATUS_SUCCESS);
 
 /// Every lock request's `FailImmediately`, as the filter saw it, in order.
 #[must_use]
@@ -63,6 +65,11 @@ pub fn pended() -> usize {
     PENDED.load(Ordering::SeqCst)
 }
 
+/// Makes the completion routine answer `status` for every operation it sees from now on.
+pub fn answer_completions_with(status: NTSTATUS) {
+    COMPLETION_ANSWER.store(status, Ordering::SeqCst);
+}
+
 /// Makes the unload callback leave the lock allocated (a deliberately wrong filter).
 pub fn leak_lock_at_unload() {
     LEAK.store(true, Ordering::SeqCst);
@@ -78,7 +85,7 @@ unsafe extern "system" fn complete_lock(_context: *const c_void, data: *const FL
     // SAFETY: every member of the status union is an NTSTATUS-sized integer.
     let status = unsafe { data.IoStatus.Anonymous.Status };
     COMPLETED.lock().unwrap_or_else(PoisonError::into_inner).push(status);
-    STATUS_SUCCESS
+    COMPLETION_ANSWER.load(Ordering::SeqCst)
 }
 
 unsafe extern "system" fn pre_lock(
