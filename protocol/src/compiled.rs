@@ -9,8 +9,8 @@
 //! rules whose source is exactly the node's path come first (exact sources outrank every pattern), then the
 //! `node\**` and glob rules in rank order; flags on the node say which kinds the list holds. `node\**\*.ext` rules
 //! hang below a second kind of node keyed by (parent node, upcased last extension). The table is at most two-thirds
-//! full. A large trie also has a small Bloom filter over the table's keys, so that the usual miss is answered
-//! without touching the table.
+//! full. All but the smallest tries also have a small Bloom filter over the table's keys, so that the usual miss
+//! is answered without touching the table.
 //!
 //! Matching walks the path once, component by component, following the trie, and leaves at the first component no rule
 //! continues with (most names leave within a few components). Each component is read once, four units at a time: its
@@ -211,17 +211,18 @@ pub struct CompiledPolicy {
     index_mask: u32,
     /// The flag bit just above `index_mask` (0 while the trie is built, when every lookup compares texts).
     verify_bit: u32,
-    /// A blocked Bloom filter over the keys of `slots` (two bits of one word per key), empty for small policies.
-    /// Most lookups of a large policy are misses at the first component no rule continues with; the filter answers
-    /// them from a table of a few bits per node that stays in cache, where the slot table would not.
+    /// A blocked Bloom filter over the keys of `slots` (two bits of one word per key), empty for the smallest
+    /// policies. Most lookups are misses at the first component no rule continues with; the filter answers them from
+    /// a table of a few bits per node that stays in cache, where the slot table of a large policy would not, and
+    /// with one word test where a miss in a table two-thirds full probes several entries.
     filter: Vec<u64>,
     /// The number of hash bits that select a filter word (`filter.len()` is `1 << filter_bits`).
     filter_bits: u32,
 }
 
-/// Policies with at least this many trie nodes get a [`CompiledPolicy::filter`]: below it the slot table is small
-/// enough to stay in cache and the filter would only add work.
-const FILTER_MIN_NODES: usize = 4096;
+/// Policies with at least this many trie nodes get a [`CompiledPolicy::filter`]. Measured: even for 10 rules (about
+/// 40 nodes, a slot table in cache) the filter saves more on misses than it costs; below this a probe is as cheap.
+const FILTER_MIN_NODES: usize = 16;
 
 /// The filter word and the two bits of it that stand for a key hash.
 #[inline]
@@ -776,7 +777,7 @@ impl CompiledPolicy {
         self.build_filter(&hashes)
     }
 
-    /// Builds [`Self::filter`] for a large trie: 8 to 16 bits per node, a power of two of words.
+    /// Builds [`Self::filter`]: 8 to 16 bits per node, a power of two of words.
     fn build_filter(&mut self, hashes: &[u32]) -> Result<(), PolicyError> {
         if self.nodes.len() < FILTER_MIN_NODES {
             return Ok(());
