@@ -367,10 +367,21 @@ fn hash_finish(hash: u64, len: usize) -> u32 {
     u32::try_from((hash ^ len).wrapping_mul(HASH_K).wrapping_shr(32)).unwrap_or(0)
 }
 
+/// The hash state a component's text starts from. The text is hashed on its own and joined with its parent and
+/// kind only at the end ([`key_hash`]), so that the walk can hash a component before it knows which node it is
+/// looked up under.
+const TEXT_SEED: u64 = 0x2D35_8DCC_AA6C_78A5;
+
+/// A key's hash from its parent node, its kind, the hash state of its upcased text and its length.
+#[inline]
+fn key_hash(parent: u32, kind: u8, text: u64, len: usize) -> u32 {
+    hash_finish(hash_mix(text, hash_seed(parent, kind)), len)
+}
+
 /// Hashes a key: the parent node, the key kind and the upcased text, four units per multiplication. The last,
 /// partial (possibly empty) group is padded with zeros: exactly what [`scan_component`] computes on a path.
 fn hash_key(parent: u32, kind: u8, text: &[u16]) -> u32 {
-    let mut hash = hash_seed(parent, kind);
+    let mut hash = TEXT_SEED;
     let mut chunks = text.chunks_exact(4);
     for chunk in &mut chunks {
         if let [a, b, c, d] = *chunk {
@@ -378,7 +389,7 @@ fn hash_key(parent: u32, kind: u8, text: &[u16]) -> u32 {
         }
     }
     hash = hash_mix(hash, upcase_lanes(pack_padded(chunks.remainder(), 0)));
-    hash_finish(hash, text.len())
+    key_hash(parent, kind, hash, text.len())
 }
 
 /// The four units of `buffer` from `at` packed into lanes, the lanes past its end zero. Reading whole groups
@@ -419,22 +430,22 @@ fn eq_upcased_in(a: &[u16], a_start: usize, b: &[u16], b_start: usize, len: usiz
 struct Scanned {
     /// Where the component ends (a separator or the path's end).
     end: usize,
-    /// [`hash_key`] of the component below the node whose seed was given.
-    hash: u32,
+    /// The hash state of the component's upcased text, for [`key_hash`].
+    text: u64,
     colon: bool,
     /// Whether the component holds a `~`; only looked for if `TILDE`.
     tilde: bool,
 }
 
-/// Reads the component starting at `start` (not a separator) in one pass: its end, its hash, whether it holds a
+/// Reads the component starting at `start` (not a separator) in one pass: its end, its text's hash state, whether it holds a
 /// `:` and (if `TILDE`) a `~`. Four units per step; the units past the path's end read as separators.
 #[expect(
     clippy::inline_always,
     reason = "measured: as a call, every component pays for saving and restoring registers"
 )]
 #[inline(always)]
-fn scan_component<const TILDE: bool>(path: &[u16], start: usize, seed: u64) -> Scanned {
-    let mut hash = seed;
+fn scan_component<const TILDE: bool>(path: &[u16], start: usize) -> Scanned {
+    let mut hash = TEXT_SEED;
     let mut colon = 0u64;
     let mut tilde = 0u64;
     let tail = path.get(start..).unwrap_or_default();
@@ -464,7 +475,7 @@ fn scan_component<const TILDE: bool>(path: &[u16], start: usize, seed: u64) -> S
     }
     hash = hash_mix(hash, upcase_lanes(lanes));
     let end = at.saturating_add((lane_bits / 16) as usize);
-    Scanned { end, hash: hash_finish(hash, end.saturating_sub(start)), colon: colon != 0, tilde: tilde != 0 }
+    Scanned { end, text: hash, colon: colon != 0, tilde: tilde != 0 }
 }
 
 fn span_len(len: usize) -> Option<u16> {
@@ -1233,9 +1244,9 @@ impl CompiledPolicy {
         };
         loop {
             let current = self.nodes.get(node as usize).ok_or(NameError::DotComponent)?;
-            let scanned = scan_component::<TILDE>(path, start, hash_seed(node, 0));
+            let scanned = scan_component::<TILDE>(path, start);
             let mut end = scanned.end;
-            let mut hash = scanned.hash;
+            let mut hash = key_hash(node, 0, scanned.text, end.saturating_sub(start));
             // Where the next component starts, if there is one: only looked for once the walk goes on, or where
             // the component names a stream, which only the last one may.
             let next_start = || {
