@@ -437,8 +437,8 @@ struct Scanned {
     tilde: bool,
 }
 
-/// Reads the component starting at `start` (not a separator) in one pass: its end, its text's hash state, whether it holds a
-/// `:` and (if `TILDE`) a `~`. Four units per step; the units past the path's end read as separators.
+/// Reads the component starting at `start` (not a separator) in one pass: its end, its text's hash state, whether
+/// it holds a `:` and (if `TILDE`) a `~`. Four units per step; the units past the path's end read as separators.
 #[expect(
     clippy::inline_always,
     reason = "measured: as a call, every component pays for saving and restoring registers"
@@ -1180,21 +1180,6 @@ impl CompiledPolicy {
         None
     }
 
-    /// [`Self::best_in_list`] for a node's exact rules, which lead its list: it stops at the first pattern.
-    fn best_exact(&self, mut rule: u32, beat: u32, filter: Filter<'_>, name: &[u16]) -> Option<(u32, u32)> {
-        while let Some(r) = self.rules.get(rule as usize) {
-            if r.rank >= beat || r.class != PatternClass::Exact {
-                return None;
-            }
-            if self.process_matches(r, filter.process) && (!filter.case_sensitive || self.literal_prefix_exact(r, name))
-            {
-                return Some((rule, r.rank));
-            }
-            rule = r.next;
-        }
-        None
-    }
-
     /// Splits the stream suffix off the last component. Faults in other components are found by [`Self::walk`].
     pub(crate) fn parse(path: &[u16]) -> Result<Parsed<'_>, NameError> {
         let end = path.iter().rposition(|&u| u != SEPARATOR).map_or(0, |p| p.saturating_add(1));
@@ -1309,7 +1294,8 @@ impl CompiledPolicy {
                 let to_beat = best.as_ref().map_or(u32::MAX, |b| b.rank);
                 if list != NIL {
                     let name = path.get(..end).unwrap_or_default();
-                    if let Some((rule, rank)) = self.best_exact(list, to_beat, filter, name) {
+                    let exact = |r: &CompiledRule| r.class == PatternClass::Exact;
+                    if let Some((rule, rank)) = self.best_in_list(list, to_beat, filter, name, exact) {
                         best = Some(Found { rule, rank, remainder_start: end });
                     }
                 }
