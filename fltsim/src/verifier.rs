@@ -325,6 +325,13 @@ impl fmt::Display for Report {
 
 static REPORTS: Mutex<Vec<Report>> = Mutex::new(Vec::new());
 
+/// Reports an invalid argument to `api` ([`Rule::InvalidArgument`]) and returns the status the call fails with,
+/// `STATUS_INVALID_PARAMETER`.
+pub(crate) fn invalid_argument(api: &'static str, why: impl Into<String>) -> windows_sys::Win32::Foundation::NTSTATUS {
+    report(Rule::InvalidArgument, api, why);
+    windows_sys::Win32::Foundation::STATUS_INVALID_PARAMETER
+}
+
 /// Records that `api` broke `rule`, with the current thread's state.
 pub fn report(rule: Rule, api: &'static str, detail: impl Into<String>) {
     let report = Report { rule, api, detail: detail.into(), thread: thread::snapshot() };

@@ -46,7 +46,9 @@ use windows_sys::{
 
 use super::{
     dispatch::{Origin, Request, dispatch, servicing_paging_io},
-    fileio, userbuf,
+    fileio,
+    instance::filter_and_volume,
+    userbuf,
 };
 use crate::{
     guard::guarded,
@@ -85,10 +87,6 @@ fn allocated() -> MutexGuard<'static, BTreeMap<usize, Allocated>> {
     ALLOCATED.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn attached(instance: PFLT_INSTANCE) -> Option<(PFLT_FILTER, isize)> {
-    super::instance::usable(instance).map(|i| (i.filter, i.volume))
-}
-
 /// `FltAllocateCallbackData`: ≤ APC_LEVEL; an attached instance; an open file object. The data is freed with
 /// `FltFreeCallbackData`; data never freed is reported at unload.
 /// See <https://learn.microsoft.com/windows-hardware/drivers/ddi/fltkernel/nf-fltkernel-fltallocatecallbackdata>.
@@ -106,7 +104,7 @@ pub unsafe extern "system" fn FltAllocateCallbackData(
         if !thread::require_irql_at_most(API, irql::APC, ALLOCATE_DOCS) {
             return STATUS_INVALID_PARAMETER;
         }
-        let Some((filter, _)) = attached(instance) else {
+        let Some((filter, _)) = filter_and_volume(instance) else {
             verifier::report(Rule::InvalidArgument, API, format!("{instance:#x} is not an attached instance"));
             return STATUS_INVALID_PARAMETER;
         };
@@ -322,7 +320,7 @@ fn check_paging_path(api: &'static str, request: &mut Request) {
 /// Sends a built operation down the stack below its allocating instance; it is complete (in `IoStatus`) on return.
 fn send(api: &'static str, request: &mut Request, instance: PFLT_INSTANCE) {
     let file_object = request.iopb().TargetFileObject;
-    match (iomgr::describe(file_object), attached(instance)) {
+    match (iomgr::describe(file_object), filter_and_volume(instance)) {
         (Some(file), Some((_, volume))) if file.handle_open => {
             let open = file.open;
             dispatch(volume, request, |request| match open {
@@ -491,7 +489,7 @@ fn information_target(
     if !thread::require_irql_at_most(api, irql::PASSIVE, docs) {
         return None;
     }
-    let Some((filter, _)) = attached(instance) else {
+    let Some((filter, _)) = filter_and_volume(instance) else {
         verifier::report(Rule::InvalidArgument, api, format!("{instance:#x} is not an attached instance"));
         return None;
     };

@@ -42,6 +42,7 @@ use windows_sys::{
 
 use super::{
     dispatch::{Origin, Request, random_post_irql},
+    instance::filter_and_volume,
     registration::filters,
 };
 use crate::{
@@ -142,15 +143,6 @@ pub(crate) fn resolve_object_name(name: &str) -> Result<(Volume, String), NTSTAT
     Err(STATUS_OBJECT_PATH_NOT_FOUND)
 }
 
-fn instance_filter(instance: PFLT_INSTANCE) -> Option<(PFLT_FILTER, isize)> {
-    super::instance::usable(instance).map(|i| (i.filter, i.volume))
-}
-
-fn invalid(api: &'static str, why: String) -> NTSTATUS {
-    verifier::report(Rule::InvalidArgument, api, why);
-    STATUS_INVALID_PARAMETER
-}
-
 /// The context checks of the routines that enter a file system: PASSIVE_LEVEL for all of them; for creates also no
 /// top-level IRP and APCs enabled, which the create pages document. Returns whether the IRQL allows the call.
 fn check_context(api: &'static str, docs: &'static str, create_rules: bool) -> bool {
@@ -213,18 +205,23 @@ pub unsafe extern "system" fn FltCreateFileEx2(
             return STATUS_INVALID_PARAMETER;
         }
         if !filters().iter().any(|f| f.handle == filter && !f.unregistered) {
-            return invalid(API, format!("Filter {filter:#x} is not a registered filter"));
+            return verifier::invalid_argument(API, format!("Filter {filter:#x} is not a registered filter"));
         }
         let instance_volume = if instance == 0 {
             None
         } else {
-            match instance_filter(instance) {
+            match filter_and_volume(instance) {
                 Some((owner, volume)) if owner == filter => Some(volume),
-                _ => return invalid(API, format!("Instance {instance:#x} is not an attached instance of the filter")),
+                _ => {
+                    return verifier::invalid_argument(
+                        API,
+                        format!("Instance {instance:#x} is not an attached instance of the filter"),
+                    );
+                }
             }
         };
         if file_handle.is_null() || object_attributes.is_null() {
-            return invalid(API, "FileHandle and ObjectAttributes must not be NULL".to_owned());
+            return verifier::invalid_argument(API, "FileHandle and ObjectAttributes must not be NULL".to_owned());
         }
         // SAFETY: checked non-NULL; the driver passes initialised object attributes.
         let attributes = unsafe { &*object_attributes };
@@ -250,14 +247,14 @@ pub unsafe extern "system" fn FltCreateFileEx2(
         }
         // SAFETY: the object attributes' name is NULL or a valid UNICODE_STRING.
         let Some(name) = (unsafe { read_unicode(attributes.ObjectName) }) else {
-            return invalid(API, "ObjectAttributes has no ObjectName".to_owned());
+            return verifier::invalid_argument(API, "ObjectAttributes has no ObjectName".to_owned());
         };
         let (volume, within) = match resolve_object_name(&name) {
             Ok(found) => found,
             Err(status) => return status,
         };
         if instance_volume.is_some_and(|v| v != volume.handle) {
-            return invalid(API, format!("{name} is not on the volume of Instance {instance:#x}"));
+            return verifier::invalid_argument(API, format!("{name} is not on the volume of Instance {instance:#x}"));
         }
         let params = iomgr::OpenParams {
             desired_access,
@@ -384,14 +381,17 @@ fn check_io(
     if !check_context(api, docs, false) {
         return Err(STATUS_INVALID_PARAMETER);
     }
-    let Some((filter, volume)) = (instance != 0).then(|| instance_filter(instance)).flatten() else {
-        return Err(invalid(api, format!("InitiatingInstance {instance:#x} is not an attached instance")));
+    let Some((filter, volume)) = (instance != 0).then(|| filter_and_volume(instance)).flatten() else {
+        return Err(verifier::invalid_argument(
+            api,
+            format!("InitiatingInstance {instance:#x} is not an attached instance"),
+        ));
     };
     let Some(handle) = iomgr::handle_of(file_object) else {
-        return Err(invalid(api, format!("{file_object:?} is not an open file object")));
+        return Err(verifier::invalid_argument(api, format!("{file_object:?} is not an open file object")));
     };
     if buffer.is_null() == mdl.is_null() {
-        return Err(invalid(api, "exactly one of Buffer and Mdl must be given".to_owned()));
+        return Err(verifier::invalid_argument(api, "exactly one of Buffer and Mdl must be given".to_owned()));
     }
     // SAFETY: a non-NULL ByteOffset points to the caller's LARGE_INTEGER.
     let offset = unsafe { byte_offset.as_ref() }.copied();
@@ -401,7 +401,7 @@ fn check_io(
         let misaligned = offset.is_some_and(|o| u64::try_from(o).map_or(true, |o| o % sector != 0))
             || u64::from(length) % sector != 0;
         if misaligned {
-            return Err(invalid(
+            return Err(verifier::invalid_argument(
                 api,
                 format!(
                     "non-cached I/O at offset {offset:?} of {length} bytes is not a multiple of the {sector}-byte sector"
@@ -412,9 +412,14 @@ fn check_io(
     let offset = match offset {
         None => None,
         Some(o) if o == WRITE_TO_END_OF_FILE => {
-            return Err(invalid(api, "FILE_WRITE_TO_END_OF_FILE is not supported by FltWriteFileEx".to_owned()));
+            return Err(verifier::invalid_argument(
+                api,
+                "FILE_WRITE_TO_END_OF_FILE is not supported by FltWriteFileEx".to_owned(),
+            ));
         }
-        Some(o) => Some(u64::try_from(o).map_err(|_| invalid(api, format!("ByteOffset {o} is negative")))?),
+        Some(o) => {
+            Some(u64::try_from(o).map_err(|_| verifier::invalid_argument(api, format!("ByteOffset {o} is negative")))?)
+        }
     };
     // The memory the file system reads into or writes from: the MDL's locked pages in any process, a raw user
     // buffer only in the process that owns it.

@@ -298,8 +298,7 @@ pub unsafe extern "system" fn FltProcessFileLock(
         // SAFETY: the driver passes the callback data of an operation in progress.
         let Some(data) = (unsafe { data_ptr.as_mut() }) else { return FLT_PREOP_COMPLETE };
         let complete = |data: &mut FLT_CALLBACK_DATA, status: NTSTATUS| {
-            data.IoStatus.Anonymous.Status = status;
-            data.IoStatus.Information = 0;
+            set_status(data, status);
             FLT_PREOP_COMPLETE
         };
         if !check(API, lock) {
@@ -371,7 +370,7 @@ pub unsafe extern "system" fn FltProcessFileLock(
             // The routine failed the lock just granted: it is removed from the file (the routine's page), and the
             // operation completes with the routine's status, as a pended one does.
             granted.extend(withdraw(lock as usize, &taken));
-            set_status(data_ptr, answer);
+            complete(data, answer);
         }
         complete_pended(lock as usize, granted);
         FLT_PREOP_COMPLETE

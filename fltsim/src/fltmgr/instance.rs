@@ -83,6 +83,12 @@ pub fn usable(instance: PFLT_INSTANCE) -> Option<InstanceRecord> {
     records().iter().find(|i| i.handle == instance && (i.attached || i.setting_up)).cloned()
 }
 
+/// The filter and volume of a [`usable`] instance.
+#[must_use]
+pub fn filter_and_volume(instance: PFLT_INSTANCE) -> Option<(PFLT_FILTER, PFLT_VOLUME)> {
+    usable(instance).map(|i| (i.filter, i.volume))
+}
+
 /// Whether an instance of altitude `a` sits below one of altitude `b`.
 pub(crate) fn is_below(a: &str, b: &str) -> bool {
     altitude_key(a) < altitude_key(b)

@@ -251,11 +251,6 @@ fn new_port_handle(s: &mut State) -> PFLT_PORT {
     0x0000_7ff3_3000_0000_usize.wrapping_add(s.next_port.wrapping_mul(0x100)).cast_signed()
 }
 
-fn invalid(api: &'static str, why: impl Into<String>) -> NTSTATUS {
-    verifier::report(Rule::InvalidArgument, api, why);
-    STATUS_INVALID_PARAMETER
-}
-
 /// Reads a `UNICODE_STRING` a driver passed.
 ///
 /// # Safety
@@ -320,29 +315,32 @@ pub unsafe extern "system" fn FltCreateCommunicationPort(
             return STATUS_FLT_DELETING_OBJECT;
         }
         if server_port.is_null() || object_attributes.is_null() {
-            return invalid(API, "ServerPort and ObjectAttributes are required");
+            return verifier::invalid_argument(API, "ServerPort and ObjectAttributes are required");
         }
         // SAFETY: checked non-NULL; the driver passes its initialized attributes.
         let attributes = unsafe { &*object_attributes };
         if usize::try_from(attributes.Length).ok() != Some(size_of::<OBJECT_ATTRIBUTES>()) {
-            return invalid(
+            return verifier::invalid_argument(
                 API,
                 format!("ObjectAttributes.Length is {}, not sizeof(OBJECT_ATTRIBUTES)", attributes.Length),
             );
         }
         if attributes.Attributes & OBJ_KERNEL_HANDLE == 0 {
-            return invalid(API, "ObjectAttributes.Attributes must include OBJ_KERNEL_HANDLE");
+            return verifier::invalid_argument(API, "ObjectAttributes.Attributes must include OBJ_KERNEL_HANDLE");
         }
         // SAFETY: the attributes name a UNICODE_STRING the driver keeps alive for the call.
         let name = unsafe { read_unicode(attributes.ObjectName) }.unwrap_or_default();
         if name.is_empty() {
-            return invalid(API, "ObjectAttributes.ObjectName must name the port");
+            return verifier::invalid_argument(API, "ObjectAttributes.ObjectName must name the port");
         }
         if connect_notify.is_none() || disconnect_notify.is_none() {
-            return invalid(API, "ConnectNotifyCallback and DisconnectNotifyCallback are required");
+            return verifier::invalid_argument(API, "ConnectNotifyCallback and DisconnectNotifyCallback are required");
         }
         let Some(max_connections) = usize::try_from(max_connections).ok().filter(|&m| m > 0) else {
-            return invalid(API, format!("MaxConnections is {max_connections}; it must be greater than zero"));
+            return verifier::invalid_argument(
+                API,
+                format!("MaxConnections is {max_connections}; it must be greater than zero"),
+            );
         };
         let descriptor = attributes.SecurityDescriptor as usize;
         let known = with_state(|s| s.descriptors.iter().find(|(d, _)| *d == descriptor).map(|(_, a)| *a));
@@ -405,7 +403,7 @@ pub extern "system" fn FltCloseCommunicationPort(server_port: PFLT_PORT) {
             Some(())
         });
         if closed.is_none() {
-            invalid(API, format!("{server_port:#x} is not an open server port"));
+            verifier::invalid_argument(API, format!("{server_port:#x} is not an open server port"));
         }
     });
 }
@@ -426,7 +424,7 @@ pub unsafe extern "system" fn FltCloseClientPort(filter: PFLT_FILTER, client_por
             return;
         }
         if client_port.is_null() {
-            invalid(API, "ClientPort must not be NULL");
+            verifier::invalid_argument(API, "ClientPort must not be NULL");
             return;
         }
         // SAFETY: checked non-NULL; the driver passes its variable.
@@ -444,10 +442,13 @@ pub unsafe extern "system" fn FltCloseClientPort(filter: PFLT_FILTER, client_por
         });
         match outcome {
             None => {
-                invalid(API, format!("{port:#x} is not an open client port"));
+                verifier::invalid_argument(API, format!("{port:#x} is not an open client port"));
             }
             Some(false) => {
-                invalid(API, format!("client port {port:#x} belongs to another filter than {filter:#x}"));
+                verifier::invalid_argument(
+                    API,
+                    format!("client port {port:#x} belongs to another filter than {filter:#x}"),
+                );
             }
             // SAFETY: checked non-NULL; FltCloseClientPort sets the variable to NULL.
             Some(true) => unsafe { client_port.write(0) },
@@ -473,7 +474,7 @@ pub unsafe extern "system" fn FltBuildDefaultSecurityDescriptor(
             return STATUS_INVALID_PARAMETER;
         }
         if security_descriptor.is_null() {
-            return invalid(API, "SecurityDescriptor must not be NULL");
+            return verifier::invalid_argument(API, "SecurityDescriptor must not be NULL");
         }
         let memory = ExAllocatePool2(pool::flags::PAGED, SECURITY_DESCRIPTOR_SIZE, SECURITY_DESCRIPTOR_TAG);
         if memory.is_null() {
@@ -503,7 +504,10 @@ pub extern "system" fn FltFreeSecurityDescriptor(security_descriptor: PSECURITY_
             Some(())
         });
         if known.is_none() {
-            invalid(API, format!("{address:#x} is not a descriptor FltBuildDefaultSecurityDescriptor returned"));
+            verifier::invalid_argument(
+                API,
+                format!("{address:#x} is not a descriptor FltBuildDefaultSecurityDescriptor returned"),
+            );
             return;
         }
         ExFreePoolWithTag(security_descriptor, SECURITY_DESCRIPTOR_TAG);
@@ -718,14 +722,17 @@ pub unsafe extern "system" fn MmCopyMemory(
             return STATUS_INVALID_PARAMETER;
         }
         if number_of_bytes_transferred.is_null() || (target_address.is_null() && number_of_bytes > 0) {
-            return invalid(API, "TargetAddress and NumberOfBytesTransferred are required");
+            return verifier::invalid_argument(API, "TargetAddress and NumberOfBytesTransferred are required");
         }
         if flags == MM_COPY_MEMORY_PHYSICAL {
             verifier::report(Rule::UnsupportedByModel, API, "physical addresses are not modelled");
             return STATUS_NOT_SUPPORTED;
         }
         if flags != MM_COPY_MEMORY_VIRTUAL {
-            return invalid(API, format!("Flags {flags:#x}: exactly one of MM_COPY_MEMORY_VIRTUAL and _PHYSICAL"));
+            return verifier::invalid_argument(
+                API,
+                format!("Flags {flags:#x}: exactly one of MM_COPY_MEMORY_VIRTUAL and _PHYSICAL"),
+            );
         }
         // SAFETY: with MM_COPY_MEMORY_VIRTUAL the union holds a virtual address.
         let source = unsafe { source_address.Anonymous.VirtualAddress };

@@ -49,7 +49,11 @@ use windows_sys::{
     Wdk::{
         Foundation::MDL,
         Storage::FileSystem::Minifilters::{FLT_CALLBACK_DATA, FLTFL_CALLBACK_DATA_DIRTY},
-        System::SystemServices::IRP_MN_MDL,
+        System::SystemServices::{
+            IRP_MJ_DEVICE_CONTROL, IRP_MJ_DIRECTORY_CONTROL, IRP_MJ_FILE_SYSTEM_CONTROL,
+            IRP_MJ_INTERNAL_DEVICE_CONTROL, IRP_MJ_QUERY_EA, IRP_MJ_QUERY_QUOTA, IRP_MJ_QUERY_SECURITY, IRP_MJ_READ,
+            IRP_MJ_SET_EA, IRP_MJ_SET_QUOTA, IRP_MJ_WRITE, IRP_MN_MDL,
+        },
     },
     Win32::Foundation::{
         NTSTATUS, STATUS_ACCESS_VIOLATION, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER,
@@ -79,14 +83,18 @@ pub const MDL_PAGES_LOCKED: i16 = 0x0002;
 pub const MDL_TAG: u32 = u32::from_le_bytes(*b"Mdl ");
 const PAGE_SIZE: usize = 4096;
 
-/// `IRP_MJ_READ`.
-const IRP_MJ_READ: u8 = 3;
-/// `IRP_MJ_WRITE`.
-const IRP_MJ_WRITE: u8 = 4;
-/// The other majors the docs list for `FltLockUserBuffer` (device, directory and file-system control, internal
-/// device control, query EA, query quota, query security, set EA, set quota); the model issues none of them with a
-/// buffer yet.
-const OTHER_LOCKABLE: [u8; 9] = [0x0e, 0x0c, 0x0d, 0x0f, 0x07, 0x19, 0x14, 0x08, 0x1a];
+/// The other majors the docs list for `FltLockUserBuffer`; the model issues none of them with a buffer yet.
+const OTHER_LOCKABLE: [u32; 9] = [
+    IRP_MJ_DEVICE_CONTROL,
+    IRP_MJ_DIRECTORY_CONTROL,
+    IRP_MJ_FILE_SYSTEM_CONTROL,
+    IRP_MJ_INTERNAL_DEVICE_CONTROL,
+    IRP_MJ_QUERY_EA,
+    IRP_MJ_QUERY_QUOTA,
+    IRP_MJ_QUERY_SECURITY,
+    IRP_MJ_SET_EA,
+    IRP_MJ_SET_QUOTA,
+];
 
 struct LiveBuffer {
     id: u64,
@@ -282,7 +290,7 @@ pub unsafe extern "system" fn FltLockUserBuffer(callback_data: *const FLT_CALLBA
         let iopb = unsafe { (*data).Iopb }.cast_mut();
         // SAFETY: as above; the model and the driver's callback do not hold other references to it during this call.
         let iopb = unsafe { &mut *iopb };
-        let (address, length, mdl_slot) = match iopb.MajorFunction {
+        let (address, length, mdl_slot) = match u32::from(iopb.MajorFunction) {
             IRP_MJ_READ | IRP_MJ_WRITE if u32::from(iopb.MinorFunction) & IRP_MN_MDL != 0 => {
                 return STATUS_INVALID_PARAMETER;
             }

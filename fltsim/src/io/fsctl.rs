@@ -174,7 +174,7 @@ pub fn fs_control(handle: &Handle, code: u32, input: &[u8], output_len: u32) -> 
 /// `STATUS_INVALID_PARAMETER` for a handle that is not open, `STATUS_FILE_CLOSED` after cleanup, or the request's
 /// failure status.
 pub fn fs_control_async(handle: &Handle, code: u32, input: &[u8], output_len: u32) -> Result<FsControl, NTSTATUS> {
-    iomgr::fsctl_target(handle)?;
+    iomgr::target(handle)?;
     if !iomgr::handle_is_open(handle) {
         return Err(STATUS_FILE_CLOSED);
     }
@@ -225,7 +225,7 @@ fn run(
     shared: &Shared,
     requester: ThreadId,
 ) -> Result<FsControlResult, NTSTATUS> {
-    let t = iomgr::fsctl_target(handle)?;
+    let t = iomgr::target(handle)?;
     let input_len = u32::try_from(input.len()).map_err(|_| STATUS_INVALID_PARAMETER)?;
     let method = code & 3;
     // METHOD_BUFFERED: one system buffer for both directions. Others: separate input and output buffers.

@@ -648,21 +648,24 @@ fn with_open<T>(handle: &Handle, f: impl FnOnce(&mut OpenFile) -> T) -> Result<T
     with_table(|t| t.files.get_mut(&handle.0).map(f)).ok_or(STATUS_INVALID_PARAMETER)
 }
 
-struct Target {
-    file_object: *mut FILE_OBJECT,
-    volume: Volume,
-    open: OpenId,
-    kernel_mode: bool,
-    synchronous: bool,
+/// What an operation on a handle needs of its open file.
+pub(crate) struct Target {
+    pub(crate) file_object: *mut FILE_OBJECT,
+    pub(crate) volume: Volume,
+    pub(crate) open: OpenId,
+    pub(crate) stream: StreamId,
+    pub(crate) kernel_mode: bool,
+    pub(crate) synchronous: bool,
     current: i64,
     origin: Origin,
 }
 
-fn target(handle: &Handle) -> Result<Target, NTSTATUS> {
+pub(crate) fn target(handle: &Handle) -> Result<Target, NTSTATUS> {
     with_open(handle, |f| Target {
         file_object: &raw mut f.file_object.object,
         volume: f.volume.clone(),
         open: f.open,
+        stream: f.stream,
         kernel_mode: f.kernel_mode,
         synchronous: f.file_object.object.Flags & FO_SYNCHRONOUS_IO != 0,
         current: f.file_object.object.CurrentByteOffset,
@@ -897,15 +900,13 @@ pub fn close_handle(handle: &Handle) -> bool {
         // cleanup cancels and completes the queued IRPs of its file object with STATUS_CANCELLED
         // (https://learn.microsoft.com/windows-hardware/drivers/kernel/irp-mj-cleanup).
         let owner = lock_owner(t.file_object);
-        let _ = with_open(handle, |f| f.stream).map(|stream| {
-            with_table(|table| {
-                if let Some(locks) = table.locks.get_mut(&stream) {
-                    for waiter in locks.cancel_where(|w| w.lock.owner.file_object == owner.file_object) {
-                        super::locks::resolve(waiter.id, STATUS_CANCELLED);
-                    }
-                    grant(locks.unlock_all(owner));
+        with_table(|table| {
+            if let Some(locks) = table.locks.get_mut(&t.stream) {
+                for waiter in locks.cancel_where(|w| w.lock.owner.file_object == owner.file_object) {
+                    super::locks::resolve(waiter.id, STATUS_CANCELLED);
                 }
-            });
+                grant(locks.unlock_all(owner));
+            }
         });
         fs::cleanup(t.open);
         // And the handle's oplocks break to none, releasing whatever waits for their acknowledgement — after the
@@ -1375,7 +1376,7 @@ fn lock_control(
         iopb.Parameters.LockControl.FailImmediately = fail_immediately;
         iopb.Parameters.LockControl.ExclusiveLock = exclusive;
     }
-    let stream = with_open(handle, |f| f.stream)?;
+    let stream = t.stream;
     // The request holds a reference to the file object while it is in progress, as an IRP does: the handle may be
     // closed by another thread while the request waits, and the close comes after the request completes.
     reference(handle);
@@ -1421,30 +1422,6 @@ fn lock_control(
 /// `STATUS_INVALID_PARAMETER` for a handle that is not open.
 pub fn create_status(handle: &Handle) -> Result<NTSTATUS, NTSTATUS> {
     with_open(handle, |f| f.create_status)
-}
-
-/// What the file system's FSCTL handling needs of a handle ([`super::fsctl`]).
-pub(crate) struct FsctlTarget {
-    pub(crate) file_object: *mut FILE_OBJECT,
-    pub(crate) volume: Volume,
-    pub(crate) open: OpenId,
-    pub(crate) kernel_mode: bool,
-    pub(crate) synchronous: bool,
-    pub(crate) stream: StreamId,
-}
-
-/// The file object, volume, open and stream of `handle`, for a file-system control.
-pub(crate) fn fsctl_target(handle: &Handle) -> Result<FsctlTarget, NTSTATUS> {
-    let stream = with_open(handle, |f| f.stream)?;
-    let t = target(handle)?;
-    Ok(FsctlTarget {
-        file_object: t.file_object,
-        volume: t.volume,
-        open: t.open,
-        kernel_mode: t.kernel_mode,
-        synchronous: t.synchronous,
-        stream,
-    })
 }
 
 /// Whether the file system holds byte-range locks on `stream`.

@@ -144,7 +144,7 @@ pub struct Impersonation {
 /// such as the SMB server's does for its client), then restores the thread's previous impersonation, if any. A
 /// thread impersonates one client at a time: impersonating replaces the previous impersonation, as on Windows.
 pub fn impersonate<T>(token: Token, f: impl FnOnce() -> T) -> T {
-    impersonate_at(token, IMPERSONATION_LEVEL, f)
+    impersonate_at(token, windows_sys::Win32::Security::SecurityImpersonation, f)
 }
 
 /// [`impersonate`] at `level` (a `SECURITY_IMPERSONATION_LEVEL`), such as `SecurityIdentification`, at which the
@@ -155,9 +155,6 @@ pub fn impersonate_at<T>(token: Token, level: i32, f: impl FnOnce() -> T) -> T {
     IMPERSONATION.with(|s| *s.borrow_mut() = previous);
     result
 }
-
-/// `SecurityImpersonation`.
-const IMPERSONATION_LEVEL: i32 = 2;
 
 /// The current thread's impersonation, if it impersonates a client.
 #[must_use]

@@ -330,25 +330,28 @@ pub unsafe extern "system" fn SeCreateClientSecurityFromSubjectContext(
         }
         // SAFETY: the driver passes a subject context (checked non-NULL here).
         let Some(subject) = (unsafe { subject_context.as_ref() }) else {
-            return invalid(API, "SubjectContext is NULL");
+            return verifier::invalid_argument(API, "SubjectContext is NULL");
         };
         // SAFETY: as above, for the quality of service.
         let Some(qos) = (unsafe { client_security_qos.as_ref() }) else {
-            return invalid(API, "ClientSecurityQos is NULL");
+            return verifier::invalid_argument(API, "ClientSecurityQos is NULL");
         };
         if client_context.is_null() {
-            return invalid(API, "ClientContext is NULL");
+            return verifier::invalid_argument(API, "ClientContext is NULL");
         }
         if !(SecurityAnonymous..=SecurityDelegation).contains(&qos.ImpersonationLevel) {
-            return invalid(
+            return verifier::invalid_argument(
                 API,
-                &format!("ImpersonationLevel {} is not a SECURITY_IMPERSONATION_LEVEL", qos.ImpersonationLevel),
+                format!("ImpersonationLevel {} is not a SECURITY_IMPERSONATION_LEVEL", qos.ImpersonationLevel),
             );
         }
         let impersonating = !subject.ClientToken.is_null();
         let effective = if impersonating { subject.ClientToken } else { subject.PrimaryToken };
         let Some(client) = object_at(effective) else {
-            return invalid(API, "the subject context holds a token the model did not hand out (use a create's)");
+            return verifier::invalid_argument(
+                API,
+                "the subject context holds a token the model did not hand out (use a create's)",
+            );
         };
         if impersonating
             && (subject.ImpersonationLevel < SecurityImpersonation
@@ -374,11 +377,6 @@ pub unsafe extern "system" fn SeCreateClientSecurityFromSubjectContext(
         hold(Held::Client(client_context as usize), Impersonation { token: client.token, level });
         STATUS_SUCCESS
     })
-}
-
-fn invalid(api: &'static str, why: &str) -> NTSTATUS {
-    verifier::report(Rule::InvalidArgument, api, why);
-    STATUS_INVALID_PARAMETER
 }
 
 /// The client a live client context stands for.
@@ -409,7 +407,10 @@ pub unsafe extern "system" fn SeImpersonateClientEx(
             return STATUS_NOT_SUPPORTED;
         }
         let Some(client) = client_of(client_context) else {
-            return invalid(API, "ClientContext is not a live client security context (created and not deleted)");
+            return verifier::invalid_argument(
+                API,
+                "ClientContext is not a live client security context (created and not deleted)",
+            );
         };
         process::set_impersonation(Some(client));
         STATUS_SUCCESS
@@ -429,7 +430,10 @@ pub unsafe extern "system" fn SeDeleteClientSecurity(client_context: *mut SECURI
             return;
         }
         if !release(Held::Client(client_context as usize)) {
-            invalid(API, "ClientContext is not a live client security context (created and not deleted)");
+            verifier::invalid_argument(
+                API,
+                "ClientContext is not a live client security context (created and not deleted)",
+            );
         }
     });
 }
@@ -458,12 +462,12 @@ pub extern "system" fn PsImpersonateClient(
             return STATUS_SUCCESS;
         }
         let Some(object) = object_at(token) else {
-            return invalid(API, &format!("{token:?} is not a token object"));
+            return verifier::invalid_argument(API, format!("{token:?} is not a token object"));
         };
         if !(SecurityAnonymous..=SecurityDelegation).contains(&impersonation_level) {
-            return invalid(
+            return verifier::invalid_argument(
                 API,
-                &format!("ImpersonationLevel {impersonation_level} is not a SECURITY_IMPERSONATION_LEVEL"),
+                format!("ImpersonationLevel {impersonation_level} is not a SECURITY_IMPERSONATION_LEVEL"),
             );
         }
         process::set_impersonation(Some(Impersonation { token: object.token, level: impersonation_level }));
@@ -504,7 +508,7 @@ pub unsafe extern "system" fn PsReferenceImpersonationToken(
             return std::ptr::null_mut();
         }
         if copy_on_open.is_null() || effective_only.is_null() || impersonation_level.is_null() {
-            invalid(API, "CopyOnOpen, EffectiveOnly and ImpersonationLevel must not be NULL");
+            verifier::invalid_argument(API, "CopyOnOpen, EffectiveOnly and ImpersonationLevel must not be NULL");
             return std::ptr::null_mut();
         }
         let Some(current) = process::impersonation() else { return std::ptr::null_mut() };
@@ -533,7 +537,7 @@ pub extern "system" fn PsDereferenceImpersonationToken(impersonation_token: *con
             return;
         }
         if !release(Held::TokenReference(impersonation_token as usize)) {
-            invalid(API, &format!("{impersonation_token:?} is not a referenced impersonation token"));
+            verifier::invalid_argument(API, format!("{impersonation_token:?} is not a referenced impersonation token"));
         }
     });
 }
