@@ -214,10 +214,17 @@ pub fn buffer_for(api: &'static str, mdl: *const MDL, raw: *mut c_void, len: usi
 
 /// Frees the MDLs `FltLockUserBuffer` built for `data`, when the callback data is freed.
 pub(crate) fn release(data: *const FLT_CALLBACK_DATA) {
+    // Runs whenever any callback data is freed; almost always there is no MDL to free and nothing is allocated.
     let freed: Vec<usize> = with_state(|s| {
-        let (gone, kept) = std::mem::take(&mut s.mdls).into_iter().partition(|m| m.data == data as usize);
-        s.mdls = kept;
-        gone.into_iter().map(|m: LockedMdl| m.mdl).collect()
+        let mut freed = Vec::new();
+        s.mdls.retain(|m| {
+            let gone = m.data == data as usize;
+            if gone {
+                freed.push(m.mdl);
+            }
+            !gone
+        });
+        freed
     });
     for mdl in freed {
         ExFreePoolWithTag(mdl as *mut c_void, MDL_TAG);
